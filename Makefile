@@ -1,0 +1,47 @@
+# The README's commands. Everything installs into .venv from this repo's own files.
+#   make book   execute every notebook and build the site into _build/html
+#   make test   unit tests + notebooks (nbmake) + the site check in headless Chromium
+#   make lab    JupyterLab on the notebooks, widgets working
+#   make bench  measured figures -> _build/bench.json
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+# One result cache for the book, the tests' notebooks and the bench, inside the project.
+export WORKBENCH_CACHE ?= $(CURDIR)/.cache/workbench
+# Training progress bars are for people, not for the built site or CI logs.
+BOOK_ENV := WORKBENCH_PROGRESS=0
+
+.PHONY: setup book test unit lab bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "need Python 3.11 (found %d.%d): set PYTHON=/path/to/python3.11" % v)'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing the workbench and its tools into $(VENV) (first time: a few minutes)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[all]"
+	@touch $(STAMP)
+
+book: $(STAMP)
+	# _config.yml sets execute.raise_on_error, so a notebook that raises fails this command;
+	# -W turns Sphinx warnings (a broken reference, a missing figure) into failures too.
+	$(BOOK_ENV) $(BIN)/jupyter-book build . --all -W --keep-going
+	@echo "site: $(CURDIR)/_build/html/index.html"
+
+test: book
+	$(BOOK_ENV) $(BIN)/python -m pytest tests notebooks --nbmake --nbmake-timeout=180 -p no:cacheprovider
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests -p no:cacheprovider
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks
+
+bench: $(STAMP)
+	$(BIN)/workbench bench --json _build/bench.json
+
+clean:
+	rm -rf _build .cache

@@ -1,0 +1,84 @@
+"""The command line: train -> info -> export, bench, help, and one-line errors with status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from workbench import bench
+from workbench.cli import main
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+
+
+def test_train_info_export(tmp_path, capsys):
+    ckpt, onnx_file = tmp_path / "model.pt", tmp_path / "model.onnx"
+    assert main(["train", "--model", "cnn", "--epochs", "2", "--option", "batchnorm=false",
+                 "--option", "channels=[8,16]", "--out", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and ckpt.is_file()
+    assert main(["info", str(ckpt)]) == 0
+    info = capsys.readouterr().out
+    assert "cnn" in info and "parameters:" in info and "MACs:" in info and "test accuracy: " in info
+    assert main(["export", str(ckpt), "--out", str(onnx_file)]) == 0
+    out = capsys.readouterr().out
+    assert onnx_file.is_file() and "max abs err" in out and "top-1 agreement 1.0000" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "missing.pt"], "does not exist"),
+        (["export", "notes.txt", "--out", "x.onnx"], "not a workbench checkpoint"),
+        (["train", "--model", "lenet5", "--dataset", "digits", "--epochs", "1", "--out", "m.pt"], "at least 16x16"),
+        (["train", "--dataset", "mnist", "--data-root", "nowhere", "--epochs", "1", "--out", "m.pt"], "train-images"),
+        (["train", "--option", "bogus=1", "--epochs", "1", "--out", "m.pt"], "unknown option"),
+        (["bench", "--only", "nope"], "unknown bench group"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["info", "--help"], ["export", "--help"],
+                                  ["bench", "--help"]])
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0 and "usage: workbench" in capsys.readouterr().out
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", "resnet", "--out", "m.pt"])
+    assert exc.value.code == 2 and "invalid choice: 'resnet'" in capsys.readouterr().err
+
+
+def test_console_script_and_module_entry_points():
+    for cmd in (["workbench", "--version"], [sys.executable, "-m", "workbench", "--version"]):
+        if cmd[0] == "workbench":
+            cmd[0] = str(__import__("pathlib").Path(sys.executable).with_name("workbench"))
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("workbench ")
+
+
+def test_bench_writes_the_contract(tmp_path, monkeypatch, capsys):
+    def tiny(*, cache, progress):
+        return [{"name": "row"}], {"tiny_figure": 1.5}
+
+    monkeypatch.setitem(bench.GROUPS, "tiny", tiny)
+    path = tmp_path / "out" / "bench.json"
+    assert main(["bench", "--only", "tiny", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert set(report) >= {"machine", "results", "figures"}
+    assert report["figures"] == {"tiny_figure": 1.5} and report["results"] == [{"group": "tiny", "name": "row"}]
+    assert report["machine"]["logical_cores"] >= 1 and "torch" in report["machine"]
+    assert "tiny_figure" in capsys.readouterr().out

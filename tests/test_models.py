@@ -1,0 +1,110 @@
+"""The model zoo: shapes, parameter counts from the papers, options, checkpoints."""
+
+import pytest
+import torch
+from torch import nn
+
+from workbench import WorkbenchError, models
+
+SHAPES = {"mlp": (1, 8, 8), "lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "cnn": (1, 8, 8), "vit": (1, 8, 8)}
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+@pytest.mark.parametrize("num_classes", [10, 3])
+def test_forward_shape_for_each_model(name, num_classes):
+    shape = SHAPES[name]
+    model = models.build(name, input_shape=shape, num_classes=num_classes)
+    assert model(torch.randn(5, *shape)).shape == (5, num_classes)
+    assert not model.training
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit", "mlp"])
+def test_models_adapt_to_rgb_32x32(name):
+    model = models.build(name, input_shape=(3, 32, 32), num_classes=10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_parameter_counts_match_the_papers():
+    # Deep Compression Table 1: LeNet-300-100 has 267K weights (1070 KB), LeNet-5 431K (1720 KB).
+    lenet300 = models.build("lenet300", input_shape=(1, 28, 28), num_classes=10)
+    assert sum(p.numel() for p in lenet300.parameters()) == 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    lenet5 = models.build("lenet5", input_shape=(1, 28, 28), num_classes=10)
+    hand = (20 * 25 + 20) + (50 * 20 * 25 + 50) + (800 * 500 + 500) + (500 * 10 + 10)
+    assert sum(p.numel() for p in lenet5.parameters()) == hand == 431_080
+
+
+def test_cnn_batchnorm_switch():
+    with_bn = models.build("cnn", input_shape=(1, 8, 8), num_classes=10)
+    without = models.build("cnn", input_shape=(1, 8, 8), num_classes=10, batchnorm=False)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in with_bn.modules()) == 2
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in without.modules())
+    # Convs before BN carry no bias (BN's shift replaces it); without BN they need one.
+    assert all(m.bias is None for m in with_bn.modules() if isinstance(m, nn.Conv2d))
+    assert all(m.bias is not None for m in without.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_same_seed_same_weights_and_global_rng_untouched():
+    state = torch.random.get_rng_state()
+    a = models.build("vit", input_shape=(1, 8, 8), num_classes=10, seed=3)
+    b = models.build("vit", input_shape=(1, 8, 8), num_classes=10, seed=3)
+    c = models.build("vit", input_shape=(1, 8, 8), num_classes=10, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (ka, va), (_, vb), (_, vc) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(va, vb), ka
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(name="resnet"), "unknown model 'resnet'; known models: mlp, lenet300, lenet5, cnn, vit"),
+        (dict(name="lenet5", input_shape=(1, 8, 8)), "at least 16x16"),
+        (dict(name="cnn", batchnorn=False), "unknown option.*batchnorn.*allowed: batchnorm"),
+        (dict(name="lenet300", hidden=(10,)), "allowed: none"),
+        (dict(name="vit", patch_size=3), "must divide"),
+        (dict(name="mlp", input_shape=(8, 8)), "input_shape must be"),
+        (dict(name="mlp", num_classes=1), "at least 2"),
+    ],
+)
+def test_bad_build_arguments_say_what_is_wrong(kwargs, message):
+    args = dict(input_shape=(1, 8, 8), num_classes=10) | kwargs
+    with pytest.raises(WorkbenchError, match=message):
+        models.build(args.pop("name"), **args)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = models.build("cnn", input_shape=(1, 8, 8), num_classes=10, batchnorm=False, channels=(8, 16))
+    spec = {"name": "cnn", "input_shape": (1, 8, 8), "num_classes": 10,
+            "options": {"batchnorm": False, "channels": (8, 16)}}
+    path = models.save_checkpoint(tmp_path / "m.pt", model, spec=spec, metadata={"accuracy": 0.5})
+    loaded, info = models.load_checkpoint(path)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(loaded(x), model(x))
+    assert info["metadata"] == {"accuracy": 0.5} and info["spec"]["options"]["channels"] == (8, 16)
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_load_checkpoint_refuses_bad_files(tmp_path):
+    with pytest.raises(WorkbenchError, match="does not exist"):
+        models.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(WorkbenchError, match="not a workbench checkpoint"):
+        models.load_checkpoint(tmp_path / "notes.txt")
+    torch.save(models.build("mlp", input_shape=(1, 8, 8), num_classes=10).state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(WorkbenchError, match="not a workbench checkpoint"):
+        models.load_checkpoint(tmp_path / "sd.pt")
+    # A pickle that runs code when loaded: weights_only=True refuses it before anything runs.
+    marker = tmp_path / "pwned"
+    _Evil.marker = marker
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": _Evil()}, evil)
+    with pytest.raises(WorkbenchError, match="weights_only"):
+        models.load_checkpoint(evil)
+    assert not marker.exists()

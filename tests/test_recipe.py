@@ -1,0 +1,112 @@
+"""The pipeline: Recipe validation, run() measurements, and the on-disk cache."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from workbench import Recipe, Result, WorkbenchError, load, recipe as recipe_mod, run, sweep
+from workbench.train import evaluate
+
+FAST = dict(model="mlp", dataset="digits", epochs=2, latency_repeats=5, model_options={"hidden": [32]})
+
+
+def test_recipe_is_frozen_hashable_and_round_trips():
+    r = Recipe(**FAST)
+    assert r.options == {"hidden": (32,)}
+    assert hash(r) == hash(Recipe(**FAST)) and r == Recipe.from_dict(json.loads(json.dumps(r.to_dict())))
+    with pytest.raises(Exception):
+        r.epochs = 3
+    assert r.replace(epochs=5).epochs == 5
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(model="resnet50"), "unknown model 'resnet50'; known models: mlp"),
+        (dict(dataset="imagenet"), "unknown dataset 'imagenet'; known datasets: digits"),
+        (dict(epochs=-1), "epochs must be >= 0"),
+        (dict(epochs=2.5), "epochs must be an integer"),
+        (dict(threads=True), "threads must be an integer"),
+        (dict(lr=0.0), "lr must be positive"),
+        (dict(optimizer="rmsprop"), "unknown optimizer"),
+        (dict(model_options={"hidden": object()}), "plain values"),
+    ],
+)
+def test_bad_recipes_are_refused(changes, message):
+    with pytest.raises(WorkbenchError, match=message):
+        Recipe(**(FAST | changes))
+    with pytest.raises(WorkbenchError, match="unknown recipe setting"):
+        Recipe.from_dict({"model": "mlp", "prune": 0.5})
+
+
+@pytest.fixture()
+def first(tmp_path):
+    return run(Recipe(**FAST), cache=tmp_path, progress=False), tmp_path
+
+
+def test_run_measures_everything(first):
+    res, cache = first
+    assert not res.cached and 0.5 < res.accuracy <= 1 and 0 < res.val_accuracy <= 1
+    assert res.params == 64 * 32 + 32 + 32 * 10 + 10 == res.nonzero_params
+    assert res.macs == 64 * 32 + 32 * 10
+    assert res.size_state_dict_bytes > 4 * res.params and res.size_onnx_bytes > 4 * res.params
+    assert res.onnx_max_abs_err < 1e-4 and res.onnx_top1_agreement == 1.0
+    assert res.latency_torch_b1.batch_size == 1 and res.latency_ort_b1.repeats == 5
+    assert len(res.history["val_acc"]) == 2
+    model = res.load_model()
+    ds = load("digits")
+    assert evaluate(model, ds.X_test, ds.y_test).accuracy == res.accuracy
+
+
+def test_second_run_and_sweep_are_served_from_cache(first, monkeypatch):
+    res, cache = first
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again although the result was cached")
+
+    monkeypatch.setattr(recipe_mod, "fit", no_training)
+    again = run(Recipe(**FAST), cache=cache)
+    assert again.cached and again.accuracy == res.accuracy and again.latency_ort_b1 == res.latency_ort_b1
+    assert [r.cached for r in sweep([Recipe(**FAST)] * 2, cache=cache)] == [True, True]
+    with pytest.raises(AssertionError, match="trained again"):
+        run(Recipe(**FAST).replace(seed=1), cache=cache)
+
+
+def test_keys_depend_on_recipe_model_and_data(first, tmp_path):
+    res, cache = first
+    other = run(Recipe(**FAST).replace(epochs=1), cache=cache, progress=False)
+    assert other.key != res.key and not other.cached
+    ds = load("digits")
+    shifted = type(ds)(**{**{f: getattr(ds, f) for f in ds.__dataclass_fields__}, "X_test": ds.X_test + 1e-3})
+    assert run(Recipe(**FAST), data=shifted, cache=cache, progress=False).key != res.key
+
+
+def test_damaged_cache_entry_is_recomputed(first):
+    res, cache = first
+    (cache / "results" / res.key / "result.json").write_text("{ truncated")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = run(Recipe(**FAST), cache=cache, progress=False)
+    assert any("damaged cache entry" in str(w.message) for w in caught)
+    assert not again.cached and again.accuracy == res.accuracy
+    assert Result.from_dict(json.loads((cache / "results" / res.key / "result.json").read_text())).key == res.key
+    assert not [p for p in (cache / "results").iterdir() if p.name.startswith(".")], "no temporary folders left"
+
+
+def test_run_on_your_own_model(tmp_path):
+    mine = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    res = run(Recipe(**FAST), model=mine, cache=tmp_path, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in mine.state_dict().items()), "the caller's model is untouched"
+    assert res.params == 64 * 16 + 16 + 16 * 10 + 10 and res.onnx_top1_agreement == 1.0
+    trained = res.load_model(into=nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)))
+    ds = load("digits")
+    assert evaluate(trained, ds.X_test, ds.y_test).accuracy == res.accuracy
+    with torch.no_grad():
+        mine[1].weight.add_(1.0)
+    assert run(Recipe(**FAST), model=mine, cache=tmp_path, progress=False).key != res.key
+    with pytest.raises(WorkbenchError, match="torch.nn.Module"):
+        run(Recipe(**FAST), model="resnet", cache=tmp_path)

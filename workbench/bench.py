@@ -1,0 +1,118 @@
+"""Benchmarks: named groups of measured figures, written as JSON by `workbench bench --json PATH`.
+
+Each group returns result rows and a flat map of named figures; later chapters add groups
+(pruning, quant, distributed, ...). The book's performance numbers come from the same code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+import onnxruntime
+import torch
+
+from .errors import WorkbenchError
+from .recipe import Recipe, Result, sweep
+
+__all__ = ["BASELINES", "GROUPS", "machine_info", "cpu_flags", "run_bench", "write_json"]
+
+# The five baselines of chapter 2 (name -> recipe). The notebook trains exactly these, so the
+# book, the bench and the cache agree. Settings were chosen by validation accuracy.
+BASELINES: dict[str, Recipe] = {
+    "mlp_digits": Recipe(model="mlp", dataset="digits", epochs=40),
+    "cnn_digits": Recipe(model="cnn", dataset="digits", epochs=30),
+    "lenet300_digits28": Recipe(model="lenet300", dataset="digits28", epochs=30),
+    "lenet5_digits28": Recipe(model="lenet5", dataset="digits28", epochs=20, lr=5e-4),
+    "vit_digits": Recipe(model="vit", dataset="digits", epochs=40, lr=2e-3, batch_size=32,
+                         optimizer="adamw", weight_decay=0.05),
+}
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which int8-relevant x86 instruction sets this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return {name: name in flags for name in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model, "logical_cores": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "torch_threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _row(name: str, r: Result) -> dict[str, Any]:
+    return {
+        "name": name, **r.summary(), "val_accuracy": r.val_accuracy,
+        "onnx_max_abs_err": r.onnx_max_abs_err, "onnx_top1_agreement": r.onnx_top1_agreement,
+        "torch_b1_p50_us": r.latency_torch_b1.p50_us, "ort_b1_p50_us": r.latency_ort_b1.p50_us,
+        "ort_vs_torch_speedup_b1": r.latency_torch_b1.p50_us / r.latency_ort_b1.p50_us,
+        "threads": r.latency_torch_b1.threads, "train_seconds": r.train_seconds, "cached": r.cached,
+        "recipe": r.recipe.to_dict(),
+    }
+
+
+def baseline(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
+    """Train (or fetch) the five baselines; accuracy, ONNX parity and ORT-vs-torch latency."""
+    results = dict(zip(BASELINES, sweep(BASELINES.values(), cache=cache, progress=progress)))
+    rows = [_row(name, r) for name, r in results.items()]
+    figures = {f"baseline_acc_{name}": r.accuracy for name, r in results.items()}
+    figures["onnx_parity_max_abs_err"] = max(r.onnx_max_abs_err for r in results.values())
+    figures["onnx_top1_agreement"] = min(r.onnx_top1_agreement for r in results.values())
+    # Each ratio is torch p50 / ORT p50 for the same model measured side by side in one run();
+    # the figure is the median over the five models.
+    figures["ort_vs_torch_speedup_b1"] = statistics.median(row["ort_vs_torch_speedup_b1"] for row in rows)
+    return rows, figures
+
+
+GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {"baseline": baseline}
+
+
+def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None = None,
+              progress: bool | None = None) -> dict[str, Any]:
+    """Run the benchmark groups (all, or those in `only`); return ``{"machine", "results", "figures"}``."""
+    names = list(GROUPS) if not only else list(only)
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown:
+        raise WorkbenchError(f"unknown bench group(s) {', '.join(unknown)}; known groups: {', '.join(GROUPS)}")
+    report: dict[str, Any] = {"machine": machine_info(), "groups": names, "results": [], "figures": {}}
+    for name in names:
+        rows, figures = GROUPS[name](cache=cache, progress=progress)
+        report["results"] += [{"group": name, **row} for row in rows]
+        report["figures"].update(figures)
+    return report
+
+
+def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write the report atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+    return path

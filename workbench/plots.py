@@ -1,0 +1,92 @@
+"""Figure builders (matplotlib and plotly) that draw Results and measurements; they compute nothing."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import plotly.graph_objects as go
+
+__all__ = ["show", "image_grid", "training_curves", "latency_distribution", "tradeoff"]
+
+
+def show(fig: go.Figure) -> None:
+    """Display a plotly figure so that it works both in JupyterLab and in the built book.
+
+    JupyterLab renders the plotly JSON mime type itself. Jupyter Book 1 ignores that type, so the
+    bundle also carries an HTML div drawn by the site's local plotly.js (no CDN: the book must
+    work offline).
+    """
+    from IPython.display import display
+
+    display(
+        {
+            "application/vnd.plotly.v1+json": fig.to_plotly_json(),
+            "text/html": fig.to_html(include_plotlyjs=False, full_html=False),
+        },
+        raw=True,
+    )
+
+
+def image_grid(images: np.ndarray, labels: Sequence[int], *, classes: Sequence[str], n: int = 20,
+               title: str = "") -> plt.Figure:
+    """A grid of the first `n` images (N, C, H, W) with their class names."""
+    n = min(n, len(images))
+    cols = min(10, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 1.0), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in zip(range(n), axes.flat):
+        img = np.asarray(images[i])
+        ax.imshow(img.transpose(1, 2, 0) if img.shape[0] == 3 else img[0], cmap="gray_r")
+        ax.set_title(classes[int(labels[i])], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]]) -> plt.Figure:
+    """Train loss and validation accuracy per epoch, one line per named run."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, h in histories.items():
+        epochs = np.arange(1, len(h["train_loss"]) + 1)
+        ax_loss.plot(epochs, h["train_loss"], label=name)
+        ax_acc.plot(epochs, h["val_acc"], label=name)
+    ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", yscale="log", title="Training loss")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy")
+    ax_acc.legend(fontsize=8)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def latency_distribution(samples: Mapping[str, np.ndarray], *, title: str = "Latency of one call") -> go.Figure:
+    """Overlaid histograms of per-call latencies (microseconds), with each series' p50 and p99 in the legend."""
+    fig = go.Figure()
+    for name, t in samples.items():
+        p50, p99 = np.percentile(t, [50, 99])
+        fig.add_trace(go.Histogram(x=t, name=f"{name} (p50 {p50:.0f} us, p99 {p99:.0f} us)", opacity=0.6,
+                                   nbinsx=60))
+    fig.update_layout(barmode="overlay", title=title, xaxis_title="microseconds per call",
+                      yaxis_title="calls", height=380, legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def tradeoff(rows: Sequence[Mapping[str, float | str]], *, x: str, y: str, label: str,
+             size: str | None = None, log_x: bool = True, title: str = "") -> go.Figure:
+    """A scatter of one point per row (e.g. ``Result.summary()``): `x` vs `y`, labelled by `label`."""
+    fig = go.Figure(go.Scatter(
+        x=[r[x] for r in rows], y=[r[y] for r in rows], text=[str(r[label]) for r in rows],
+        mode="markers+text", textposition="top center",
+        marker=dict(size=[12 + 18 * np.sqrt(float(r[size]) / max(float(q[size]) for q in rows)) for r in rows]
+                    if size else 12),
+        hovertemplate=f"%{{text}}<br>{x}: %{{x}}<br>{y}: %{{y}}<extra></extra>",
+    ))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=420)
+    if log_x:
+        fig.update_xaxes(type="log")
+    return fig

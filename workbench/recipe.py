@@ -1,0 +1,327 @@
+"""The one pipeline: a `Recipe` of plain settings goes through `run` and comes back as a measured `Result`.
+
+Results are cached on disk under a key that hashes the recipe, the model and the data (and the
+versions of the code that measured them), so a sweep that was computed once answers at once.
+Later chapters add compression steps to `Recipe`; every face of the project (CLI, widgets,
+benchmarks, book) goes through `run`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import onnxruntime
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as _data
+from . import measure, models
+from . import onnx as _onnx
+from .errors import WorkbenchError
+from .measure import LatencyStats
+from .train import OPTIMIZERS, evaluate, fit, show_progress
+
+__all__ = ["Recipe", "Result", "run", "sweep", "cache_dir", "RESULT_VERSION"]
+
+# Bump when Result's fields or the meaning of a measurement change: old cache entries then miss.
+RESULT_VERSION = 1
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where results are cached: `path`, else $WORKBENCH_CACHE, else ~/.cache/workbench."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("WORKBENCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "workbench"
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise WorkbenchError(f"recipe settings must be plain values (numbers, strings, lists), got {value!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of one pipeline run; frozen, hashable, JSON-serializable.
+
+    Example:
+        >>> r = Recipe(model="cnn", dataset="digits", epochs=20, model_options={"batchnorm": False})
+    """
+
+    model: str = "mlp"
+    dataset: str = "digits"
+    model_options: Any = ()
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int = 0
+    export_onnx: bool = True
+    threads: int = 1
+    latency_repeats: int = 200
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_options", _freeze(dict(self.model_options)))
+        if self.model.lower() not in models.MODELS:
+            raise WorkbenchError(f"unknown model {self.model!r}; known models: {', '.join(models.MODELS)}")
+        if self.dataset.lower().replace("_", "-") not in _data.DATASETS:
+            raise WorkbenchError(f"unknown dataset {self.dataset!r}; known datasets: {', '.join(_data.DATASETS)}")
+        for name in ("epochs", "batch_size", "seed", "threads", "latency_repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise WorkbenchError(f"Recipe.{name} must be an integer, got {value!r}")
+        if self.epochs < 0:
+            raise WorkbenchError(f"Recipe.epochs must be >= 0 (0 measures the model untrained), got {self.epochs}")
+        if self.batch_size < 1 or self.threads < 1 or self.latency_repeats < 1 or self.seed < 0:
+            raise WorkbenchError("Recipe.batch_size, threads and latency_repeats must be >= 1 and seed >= 0")
+        if not self.lr > 0:
+            raise WorkbenchError(f"Recipe.lr must be positive, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise WorkbenchError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """`model_options` as keyword arguments for :func:`workbench.models.build`."""
+        return {k: v for k, v in self.model_options}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model_options"] = self.options
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise WorkbenchError(f"unknown recipe setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What `run` measured for one recipe. Sizes are bytes, latencies microseconds, accuracy in [0, 1]."""
+
+    recipe: Recipe
+    key: str
+    accuracy: float
+    val_accuracy: float
+    test_loss: float
+    params: int
+    nonzero_params: int
+    macs: int
+    size_state_dict_bytes: int
+    size_onnx_bytes: int | None
+    onnx_max_abs_err: float | None
+    onnx_top1_agreement: float | None
+    latency_torch_b1: LatencyStats
+    latency_ort_b1: LatencyStats | None
+    history: dict[str, list[float]]
+    train_seconds: float
+    checkpoint_path: str
+    onnx_path: str | None
+    versions: dict[str, str]
+    created: str
+    cached: bool = field(default=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cached"}
+        d["recipe"] = self.recipe.to_dict()
+        d["latency_torch_b1"] = self.latency_torch_b1.to_dict()
+        d["latency_ort_b1"] = self.latency_ort_b1.to_dict() if self.latency_ort_b1 else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, cached: bool = False) -> "Result":
+        d = dict(d)
+        d["recipe"] = Recipe.from_dict(d["recipe"])
+        d["latency_torch_b1"] = LatencyStats.from_dict(d["latency_torch_b1"])
+        d["latency_ort_b1"] = LatencyStats.from_dict(d["latency_ort_b1"]) if d["latency_ort_b1"] else None
+        return cls(**d, cached=cached)
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers as a flat dict (for tables)."""
+        return {
+            "model": self.recipe.model, "dataset": self.recipe.dataset, "accuracy": round(self.accuracy, 4),
+            "params": self.params, "MACs": self.macs, "state_dict KB": round(self.size_state_dict_bytes / 1024, 1),
+            "ONNX KB": round(self.size_onnx_bytes / 1024, 1) if self.size_onnx_bytes else None,
+            "torch p50 us": round(self.latency_torch_b1.p50_us, 1),
+            "ORT p50 us": round(self.latency_ort_b1.p50_us, 1) if self.latency_ort_b1 else None,
+        }
+
+    def load_model(self, into: nn.Module | None = None) -> nn.Module:
+        """The trained model from the cached checkpoint (for a user model, pass an instance as `into`)."""
+        if into is None:
+            return models.load_checkpoint(self.checkpoint_path)[0]
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        into.load_state_dict(state["state_dict"])
+        return into.eval()
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"workbench": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "result": str(RESULT_VERSION)}
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    h = hashlib.sha256(repr(model).encode())
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    h.update(buf.getvalue())
+    return h.hexdigest()
+
+
+def _key(recipe: Recipe, model_id: str, data_id: str) -> str:
+    blob = json.dumps({"recipe": recipe.to_dict(), "model": model_id, "data": data_id, "versions": _versions()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _read_cached(entry: Path) -> Result | None:
+    try:
+        return Result.from_dict(json.loads((entry / "result.json").read_text()), cached=True)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"ignoring a damaged cache entry {entry} ({type(exc).__name__}); recomputing it", stacklevel=3)
+        return None
+
+
+def _measure(recipe: Recipe, model: nn.Module, ds: _data.Dataset, entry: Path, key: str,
+             builtin: bool, progress: bool | None) -> Result:
+    """Train, evaluate, measure and export into the (temporary) entry folder."""
+    hist = fit(model, ds, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
+               optimizer=recipe.optimizer, weight_decay=recipe.weight_decay, seed=recipe.seed,
+               progress=progress) if recipe.epochs else None
+    test = evaluate(model, ds.X_test, ds.y_test)
+    val = evaluate(model, ds.X_val, ds.y_val)
+    x1 = ds.X_test[:1]
+    ckpt = entry / "model.pt"
+    if builtin:
+        spec = {"name": recipe.model, "input_shape": ds.input_shape, "num_classes": ds.num_classes,
+                "options": recipe.options}
+        models.save_checkpoint(ckpt, model, spec=spec, metadata={"recipe": recipe.to_dict(), "accuracy": test.accuracy})
+    else:
+        torch.save({"state_dict": model.state_dict()}, ckpt)
+    onnx_path = parity = ort_lat = None
+    if recipe.export_onnx:
+        onnx_path = _onnx.export(model, entry / "model.onnx", input_shape=ds.input_shape)
+        parity = _onnx.parity(model, onnx_path, ds.X_test)
+        ort_lat = _onnx.ort_latency(onnx_path, x1, threads=recipe.threads, repeats=recipe.latency_repeats)
+    return Result(
+        recipe=recipe, key=key, accuracy=test.accuracy, val_accuracy=val.accuracy, test_loss=test.loss,
+        params=measure.count_params(model), nonzero_params=measure.count_nonzero(model),
+        macs=measure.macs(model, ds.input_shape).total, size_state_dict_bytes=measure.state_dict_bytes(model),
+        size_onnx_bytes=measure.file_bytes(onnx_path) if onnx_path else None,
+        onnx_max_abs_err=parity.max_abs_err if parity else None,
+        onnx_top1_agreement=parity.top1_agreement if parity else None,
+        latency_torch_b1=measure.torch_latency(model, x1, threads=recipe.threads, repeats=recipe.latency_repeats),
+        latency_ort_b1=ort_lat, history=hist.to_dict() if hist else {},
+        train_seconds=float(sum(hist.seconds)) if hist else 0.0,
+        checkpoint_path="model.pt", onnx_path="model.onnx" if onnx_path else None,
+        versions=_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _localize(result: Result, entry: Path) -> Result:
+    """Paths are stored relative to the entry (the cache may move); hand them out absolute."""
+    return dataclasses.replace(
+        result, checkpoint_path=str(entry / "model.pt"),
+        onnx_path=str(entry / "model.onnx") if result.onnx_path else None,
+    )
+
+
+def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module | None = None,
+        cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool | None = None) -> Result:
+    """Run one recipe end to end: build (or take) the model, train, evaluate, measure, export.
+
+    Args:
+        recipe: the settings.
+        data: a loaded dataset; default ``workbench.data.load(recipe.dataset, seed=recipe.seed)``.
+        model: your own ``nn.Module`` instead of the zoo's ``recipe.model`` (it is copied, not
+            modified; its architecture and weights enter the cache key).
+        cache: the cache folder (see :func:`cache_dir`).
+        use_cache: False recomputes (and refreshes the cache entry).
+        progress: show training progress bars (None: on unless CI / WORKBENCH_PROGRESS=0).
+
+    Returns:
+        The :class:`Result`; ``result.cached`` says whether it came from the cache.
+
+    Example:
+        >>> res = run(Recipe(model="mlp", epochs=30)); print(res.accuracy, res.size_onnx_bytes)
+    """
+    if not isinstance(recipe, Recipe):
+        raise WorkbenchError(f"run() needs a workbench Recipe, got {type(recipe).__name__}")
+    ds = data if data is not None else _data.load(recipe.dataset, seed=recipe.seed)
+    if model is None:
+        net = models.build(recipe.model, input_shape=ds.input_shape, num_classes=ds.num_classes,
+                           seed=recipe.seed, **recipe.options)
+        model_id = f"zoo:{recipe.model}"
+    else:
+        if not isinstance(model, nn.Module):
+            raise WorkbenchError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        net = copy.deepcopy(model)
+        model_id = _model_fingerprint(net)
+    key = _key(recipe, model_id, ds.fingerprint)
+    root = cache_dir(cache) / "results"
+    entry = root / key
+    if use_cache and (hit := _read_cached(entry)) is not None:
+        return _localize(hit, entry)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        result = _measure(recipe, net, ds, tmp, key, model is None, progress)
+        (tmp / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        # Publish the finished entry with one rename, so readers never see half an entry. An
+        # older or damaged entry is moved aside first; if another process published the same
+        # key meanwhile, its entry is equally valid and ours is dropped.
+        if entry.exists():
+            stale = root / f".stale-{key}-{os.getpid()}"
+            os.replace(entry, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if _read_cached(entry) is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _localize(result, entry)
+
+
+def sweep(recipes: Iterable[Recipe], *, progress: bool | None = None, **kwargs: Any) -> list[Result]:
+    """Run many recipes (each through the cache); results in the same order.
+
+    Example:
+        >>> results = sweep([Recipe(model=m) for m in ("mlp", "cnn")])
+    """
+    recipes = list(recipes)
+    bar = tqdm(recipes, desc="sweep", disable=not show_progress(progress) or len(recipes) < 2, leave=False)
+    return [run(r, progress=progress, **kwargs) for r in bar]
