@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -272,13 +273,20 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"checkpoint {str(path)!r} does not exist (expected a file written by `workbench train`)")
+    if not zipfile.is_zipfile(path):
+        raise WorkbenchError(
+            f"{str(path)!r} is not a workbench checkpoint: it is not a PyTorch file at all "
+            "(torch.save writes a zip archive); expected a file written by `workbench train`"
+        )
     try:
         # weights_only=True: a checkpoint is data, never code; a pickle with code is refused.
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign files
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise WorkbenchError(
-            f"{str(path)!r} is not a workbench checkpoint: torch.load(weights_only=True) failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            f"{str(path)!r} is not a workbench checkpoint: torch.load(weights_only=True) refused it "
+            f"(it holds Python objects other than tensors and plain data, which could run code "
+            f"when loaded; {type(exc).__name__}: {reason})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise WorkbenchError(
