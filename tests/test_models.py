@@ -60,7 +60,7 @@ def test_same_seed_same_weights_and_global_rng_untouched():
         (dict(name="resnet"), "unknown model 'resnet'; known models: mlp, lenet300, lenet5, cnn, vit"),
         (dict(name="lenet5", input_shape=(1, 8, 8)), "at least 16x16"),
         (dict(name="cnn", batchnorn=False), "unknown option.*batchnorn.*allowed: batchnorm"),
-        (dict(name="lenet300", hidden=(10,)), "allowed: none"),
+        (dict(name="lenet300", dropout=0.1), "allowed: hidden"),
         (dict(name="vit", patch_size=3), "must divide"),
         (dict(name="mlp", input_shape=(8, 8)), "input_shape must be"),
         (dict(name="mlp", num_classes=1), "at least 2"),
@@ -108,3 +108,15 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
     with pytest.raises(WorkbenchError, match="weights_only.*could run code"):
         models.load_checkpoint(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "options"),
+    [("mlp", (1, 8, 8), {"hidden": (40, 20)}), ("lenet300", (1, 28, 28), {"hidden": (150, 50)}),
+     ("lenet5", (1, 28, 28), {"channels": (10, 25), "hidden": 250}), ("cnn", (1, 8, 8), {"channels": (16, 32), "hidden": 64})],
+)
+def test_width_options_rebuild_the_same_shapes(name, shape, options):
+    model = models.build(name, input_shape=shape, num_classes=10, **options)
+    assert models.width_options(model) == options
+    again = models.build(name, input_shape=shape, num_classes=10, **models.width_options(model))
+    assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]

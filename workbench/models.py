@@ -21,6 +21,7 @@ __all__ = [
     "Attention",
     "ViT",
     "build",
+    "width_options",
     "save_checkpoint",
     "load_checkpoint",
 ]
@@ -50,15 +51,18 @@ class MLP(nn.Module):
 class LeNet5(nn.Module):
     """The Caffe LeNet-5 used by Deep Compression: conv5(20)-pool-conv5(50)-pool-fc500-fc10 (431K params on 28x28)."""
 
-    def __init__(self, in_channels: int, num_classes: int, spatial: tuple[int, int]):
+    def __init__(self, in_channels: int, num_classes: int, spatial: tuple[int, int],
+                 channels: tuple[int, int] = (20, 50), hidden: int = 500):
         super().__init__()
         # 5x5 valid conv (-4), 2x2 pool (/2), twice.
         h, w = (((s - 4) // 2 - 4) // 2 for s in spatial)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 20, 5), nn.MaxPool2d(2),
-            nn.Conv2d(20, 50, 5), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, channels[0], 5), nn.MaxPool2d(2),
+            nn.Conv2d(channels[0], channels[1], 5), nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(50 * h * w, 500), nn.ReLU(), nn.Linear(500, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels[1] * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -150,17 +154,18 @@ def _mlp(c: int, h: int, w: int, num_classes: int, hidden: tuple[int, ...] = (25
     return MLP(c * h * w, num_classes, tuple(int(n) for n in hidden), dropout)
 
 
-def _lenet300(c: int, h: int, w: int, num_classes: int):
-    return MLP(c * h * w, num_classes, (300, 100))
+def _lenet300(c: int, h: int, w: int, num_classes: int, hidden: tuple[int, int] = (300, 100)):
+    # `hidden` exists so that a structurally pruned LeNet-300-100 can be rebuilt from its checkpoint.
+    return _mlp(c, h, w, num_classes, hidden=hidden)
 
 
-def _lenet5(c: int, h: int, w: int, num_classes: int):
+def _lenet5(c: int, h: int, w: int, num_classes: int, channels: tuple[int, int] = (20, 50), hidden: int = 500):
     if min(h, w) < 16:
         raise WorkbenchError(
             f"lenet5 needs images of at least 16x16 (two 5x5 convs and two 2x2 pools); got {h}x{w}. "
             "Use dataset 'digits28' (the digits resized to 28x28) or mnist."
         )
-    return LeNet5(c, num_classes, (h, w))
+    return LeNet5(c, num_classes, (h, w), tuple(int(n) for n in channels), int(hidden))
 
 
 def _cnn(c: int, h: int, w: int, num_classes: int, batchnorm: bool = True,
@@ -189,6 +194,21 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def width_options(model: nn.Module) -> dict[str, Any]:
+    """The width options of a zoo model as it is now (e.g. after structured pruning removed channels).
+
+    ``build(name, **options | width_options(model))`` rebuilds a model of the same shape, which
+    is how checkpoints of structurally pruned models are loaded.
+    """
+    if isinstance(model, MLP):
+        linears = [m for m in model.net if isinstance(m, nn.Linear)]
+        return {"hidden": tuple(m.out_features for m in linears[:-1])}
+    if isinstance(model, (CNN, LeNet5)):
+        convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+        return {"channels": tuple(m.out_channels for m in convs), "hidden": model.classifier[1].out_features}
+    return {}
+
+
 def build(name: str, *, input_shape: tuple[int, int, int], num_classes: int, seed: int = 0,
           **options: Any) -> nn.Module:
     """Build a model of the zoo for images of `input_shape` (C, H, W) and `num_classes` classes.
@@ -198,8 +218,8 @@ def build(name: str, *, input_shape: tuple[int, int, int], num_classes: int, see
         input_shape: (channels, height, width) of one image, e.g. ``dataset.input_shape``.
         num_classes: number of output logits, e.g. ``dataset.num_classes``.
         seed: seeds the weight initialization, so the same call gives the same weights.
-        **options: model-specific settings (mlp: hidden, dropout; cnn: batchnorm, channels, hidden;
-            vit: patch_size, dim, depth, heads, mlp_ratio).
+        **options: model-specific settings (mlp: hidden, dropout; lenet300: hidden; lenet5: channels,
+            hidden; cnn: batchnorm, channels, hidden; vit: patch_size, dim, depth, heads, mlp_ratio).
 
     Returns:
         The model in eval mode.

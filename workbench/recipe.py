@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as _data
-from . import measure, models
+from . import measure, models, prune
 from . import onnx as _onnx
 from .errors import WorkbenchError
 from .measure import LatencyStats
@@ -36,7 +37,10 @@ from .train import OPTIMIZERS, evaluate, fit, show_progress
 __all__ = ["Recipe", "Result", "run", "sweep", "cache_dir", "RESULT_VERSION"]
 
 # Bump when Result's fields or the meaning of a measurement change: old cache entries then miss.
-RESULT_VERSION = 1
+RESULT_VERSION = 2
+PRUNE_KINDS = ("unstructured", "structured")
+COMPRESSION_FIELDS = ("prune_amount", "prune_kind", "prune_scope", "prune_schedule", "prune_steps",
+                      "prune_exclude", "finetune_epochs", "finetune_lr")
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -77,14 +81,24 @@ class Recipe:
     export_onnx: bool = True
     threads: int = 1
     latency_repeats: int = 200
+    # Pruning (chapter 3): applied to the trained dense model, then fine-tuned.
+    prune_amount: float = 0.0
+    prune_kind: str = "unstructured"
+    prune_scope: str = "global"
+    prune_schedule: str = "oneshot"
+    prune_steps: int = 4
+    prune_exclude: Any = ()
+    finetune_epochs: int = 0
+    finetune_lr: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_options", _freeze(dict(self.model_options)))
+        object.__setattr__(self, "prune_exclude", tuple(str(n) for n in self.prune_exclude))
         if self.model.lower() not in models.MODELS:
             raise WorkbenchError(f"unknown model {self.model!r}; known models: {', '.join(models.MODELS)}")
         if self.dataset.lower().replace("_", "-") not in _data.DATASETS:
             raise WorkbenchError(f"unknown dataset {self.dataset!r}; known datasets: {', '.join(_data.DATASETS)}")
-        for name in ("epochs", "batch_size", "seed", "threads", "latency_repeats"):
+        for name in ("epochs", "batch_size", "seed", "threads", "latency_repeats", "prune_steps", "finetune_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise WorkbenchError(f"Recipe.{name} must be an integer, got {value!r}")
@@ -96,6 +110,32 @@ class Recipe:
             raise WorkbenchError(f"Recipe.lr must be positive, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise WorkbenchError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        self._validate_pruning()
+
+    def _validate_pruning(self) -> None:
+        a = self.prune_amount
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a < 1.0:
+            raise WorkbenchError(f"Recipe.prune_amount must be a fraction in [0, 1) (0.8 = remove 80%), got {a!r}")
+        for name, allowed in (("prune_kind", PRUNE_KINDS), ("prune_scope", ("global", "layer")),
+                              ("prune_schedule", ("oneshot", "gradual"))):
+            if getattr(self, name) not in allowed:
+                raise WorkbenchError(f"Recipe.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.prune_kind == "structured" and self.prune_schedule == "gradual":
+            raise WorkbenchError("the gradual schedule is for unstructured pruning; structured pruning is one-shot")
+        if self.prune_steps < 1 or self.finetune_epochs < 0:
+            raise WorkbenchError("Recipe.prune_steps must be >= 1 and finetune_epochs >= 0")
+        if self.finetune_lr is not None and not self.finetune_lr > 0:
+            raise WorkbenchError(f"Recipe.finetune_lr must be positive (or None for lr / 10), got {self.finetune_lr!r}")
+
+    @property
+    def compressed(self) -> bool:
+        """Whether any compression step is on (else this is a plain training run)."""
+        return self.prune_amount > 0
+
+    def dense(self) -> "Recipe":
+        """The same recipe with every compression step off: the baseline it is compared with."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in COMPRESSION_FIELDS}
+        return self.replace(**defaults)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -105,6 +145,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model_options"] = self.options
+        d["prune_exclude"] = list(self.prune_exclude)
         return d
 
     @classmethod
@@ -138,7 +179,11 @@ class Result:
     onnx_top1_agreement: float | None
     latency_torch_b1: LatencyStats
     latency_ort_b1: LatencyStats | None
-    history: dict[str, list[float]]
+    sparsity: float
+    layer_sparsity: dict[str, float]
+    sparse_bytes: dict[str, int]
+    dense_accuracy: float | None
+    history: dict[str, Any]
     train_seconds: float
     checkpoint_path: str
     onnx_path: str | None
@@ -165,7 +210,8 @@ class Result:
         """The headline numbers as a flat dict (for tables)."""
         return {
             "model": self.recipe.model, "dataset": self.recipe.dataset, "accuracy": round(self.accuracy, 4),
-            "params": self.params, "MACs": self.macs, "state_dict KB": round(self.size_state_dict_bytes / 1024, 1),
+            "params": self.params, "sparsity": round(self.sparsity, 4), "MACs": self.macs,
+            "state_dict KB": round(self.size_state_dict_bytes / 1024, 1),
             "ONNX KB": round(self.size_onnx_bytes / 1024, 1) if self.size_onnx_bytes else None,
             "torch p50 us": round(self.latency_torch_b1.p50_us, 1),
             "ORT p50 us": round(self.latency_ort_b1.p50_us, 1) if self.latency_ort_b1 else None,
@@ -211,37 +257,53 @@ def _read_cached(entry: Path) -> Result | None:
         return None
 
 
-def _measure(recipe: Recipe, model: nn.Module, ds: _data.Dataset, entry: Path, key: str,
-             builtin: bool, progress: bool | None) -> Result:
-    """Train, evaluate, measure and export into the (temporary) entry folder."""
-    hist = fit(model, ds, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
-               optimizer=recipe.optimizer, weight_decay=recipe.weight_decay, seed=recipe.seed,
-               progress=progress) if recipe.epochs else None
-    test = evaluate(model, ds.X_test, ds.y_test)
-    val = evaluate(model, ds.X_val, ds.y_val)
+def _compress(recipe: Recipe, net: nn.Module, ds: _data.Dataset, progress: bool | None) -> tuple[nn.Module, dict]:
+    """Apply the recipe's compression steps to the trained dense `net`; return the model and history."""
+    tune = dict(lr=recipe.finetune_lr or recipe.lr / 10, batch_size=recipe.batch_size, optimizer=recipe.optimizer,
+                weight_decay=recipe.weight_decay, seed=recipe.seed, progress=progress)
+    if recipe.prune_kind == "structured":
+        net = prune.channel_prune(net, recipe.prune_amount, input_shape=ds.input_shape, exclude=recipe.prune_exclude)
+        hist = fit(net, ds, epochs=recipe.finetune_epochs, **tune) if recipe.finetune_epochs else None
+        return net, {"finetune": hist.to_dict() if hist else {}}
+    steps = recipe.prune_steps if recipe.prune_schedule == "gradual" else 1
+    rows = prune.gradual_prune(net, ds, final=recipe.prune_amount, steps=steps, epochs_per_step=recipe.finetune_epochs,
+                               scope=recipe.prune_scope, exclude=recipe.prune_exclude, **tune)
+    return prune.finalize(net), {"prune_rounds": rows}
+
+
+def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key: str, builtin: bool,
+             history: dict, train_seconds: float, dense_accuracy: float | None) -> Result:
+    """Evaluate, measure and export the finished model into the (temporary) entry folder."""
+    test = evaluate(net, ds.X_test, ds.y_test)
+    val = evaluate(net, ds.X_val, ds.y_val)
     x1 = ds.X_test[:1]
     ckpt = entry / "model.pt"
     if builtin:
+        # Structured pruning changed the widths; the checkpoint records them so it can be rebuilt.
         spec = {"name": recipe.model, "input_shape": ds.input_shape, "num_classes": ds.num_classes,
-                "options": recipe.options}
-        models.save_checkpoint(ckpt, model, spec=spec, metadata={"recipe": recipe.to_dict(), "accuracy": test.accuracy})
+                "options": recipe.options | models.width_options(net)}
+        models.save_checkpoint(ckpt, net, spec=spec, metadata={"recipe": recipe.to_dict(), "accuracy": test.accuracy})
     else:
-        torch.save({"state_dict": model.state_dict()}, ckpt)
+        torch.save({"state_dict": net.state_dict()}, ckpt)
     onnx_path = parity = ort_lat = None
     if recipe.export_onnx:
-        onnx_path = _onnx.export(model, entry / "model.onnx", input_shape=ds.input_shape)
-        parity = _onnx.parity(model, onnx_path, ds.X_test)
+        onnx_path = _onnx.export(net, entry / "model.onnx", input_shape=ds.input_shape)
+        parity = _onnx.parity(net, onnx_path, ds.X_test)
         ort_lat = _onnx.ort_latency(onnx_path, x1, threads=recipe.threads, repeats=recipe.latency_repeats)
+    sizes = (measure.model_sparse_sizes(net)["total"]
+             if any(isinstance(m, prune.PRUNABLE) for m in net.modules()) else None)
     return Result(
         recipe=recipe, key=key, accuracy=test.accuracy, val_accuracy=val.accuracy, test_loss=test.loss,
-        params=measure.count_params(model), nonzero_params=measure.count_nonzero(model),
-        macs=measure.macs(model, ds.input_shape).total, size_state_dict_bytes=measure.state_dict_bytes(model),
+        params=measure.count_params(net), nonzero_params=measure.count_nonzero(net),
+        macs=measure.macs(net, ds.input_shape).total, size_state_dict_bytes=measure.state_dict_bytes(net),
         size_onnx_bytes=measure.file_bytes(onnx_path) if onnx_path else None,
         onnx_max_abs_err=parity.max_abs_err if parity else None,
         onnx_top1_agreement=parity.top1_agreement if parity else None,
-        latency_torch_b1=measure.torch_latency(model, x1, threads=recipe.threads, repeats=recipe.latency_repeats),
-        latency_ort_b1=ort_lat, history=hist.to_dict() if hist else {},
-        train_seconds=float(sum(hist.seconds)) if hist else 0.0,
+        latency_torch_b1=measure.torch_latency(net, x1, threads=recipe.threads, repeats=recipe.latency_repeats),
+        latency_ort_b1=ort_lat, sparsity=prune.sparsity(net), layer_sparsity=prune.layer_sparsity(net),
+        sparse_bytes={"dense": sizes.dense, "csr": sizes.csr, "bitmask": sizes.bitmask,
+                      "relative": sizes.relative} if sizes else {},
+        dense_accuracy=dense_accuracy, history=history, train_seconds=train_seconds,
         checkpoint_path="model.pt", onnx_path="model.onnx" if onnx_path else None,
         versions=_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -292,12 +354,28 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
     if use_cache and (hit := _read_cached(entry)) is not None:
         return _localize(hit, entry)
 
+    t0 = time.perf_counter()
+    dense_accuracy = None
+    if recipe.compressed:
+        # Compression starts from the trained dense model, itself a cached run: a sweep over
+        # pruning amounts trains the baseline once.
+        base = run(recipe.dense(), data=ds, model=model, cache=cache, progress=progress)
+        net = base.load_model(into=net if model is not None else None)
+        net, history = _compress(recipe, net, ds, progress)
+        dense_accuracy = base.accuracy
+    else:
+        hist = fit(net, ds, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
+                   optimizer=recipe.optimizer, weight_decay=recipe.weight_decay, seed=recipe.seed,
+                   progress=progress) if recipe.epochs else None
+        history = hist.to_dict() if hist else {}
+    train_seconds = time.perf_counter() - t0
+
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        result = _measure(recipe, net, ds, tmp, key, model is None, progress)
+        result = _measure(recipe, net, ds, tmp, key, model is None, history, train_seconds, dense_accuracy)
         (tmp / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
         # Publish the finished entry with one rename, so readers never see half an entry. An
         # older or damaged entry is moved aside first; if another process published the same
