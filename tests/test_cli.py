@@ -82,3 +82,17 @@ def test_bench_writes_the_contract(tmp_path, monkeypatch, capsys):
     assert report["figures"] == {"tiny_figure": 1.5} and report["results"] == [{"group": "tiny", "name": "row"}]
     assert report["machine"]["logical_cores"] >= 1 and "torch" in report["machine"]
     assert "tiny_figure" in capsys.readouterr().out
+
+
+def test_compress_prunes_and_reports(tmp_path, capsys):
+    out, onnx_file = tmp_path / "small.pt", tmp_path / "small.onnx"
+    argv = ["compress", "--model", "mlp", "--epochs", "2", "--option", "hidden=[32]", "--prune", "0.5",
+            "--prune-kind", "structured", "--finetune-epochs", "1", "--out", str(out), "--onnx", str(onnx_file)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "structured pruning 50%" in text and "parameters" in text and "MACs" in text
+    assert out.is_file() and onnx_file.is_file()
+    assert main(["info", str(out)]) == 0
+    assert "'hidden': (16,)" in capsys.readouterr().out
+    assert main(["compress", "--model", "mlp", "--epochs", "1", "--out", str(out)]) == 2
+    assert "nothing to compress" in capsys.readouterr().err

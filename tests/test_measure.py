@@ -86,3 +86,14 @@ def test_bad_latency_arguments():
         measure.time_calls(lambda: None, repeats=0)
     with pytest.raises(WorkbenchError, match="threads"):
         measure.torch_latency(nn.Linear(2, 2), torch.randn(1, 2), threads=0)
+
+
+def test_side_by_side_interleaves_and_pools_samples():
+    order = []
+    stats = measure.side_by_side({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                 rounds=3, repeats=4, warmup=2, batch_size=8)
+    assert order[:4] == ["a", "a", "b", "b"]  # warm-up, then rounds of a x4, b x4, ...
+    assert order[4:] == (["a"] * 4 + ["b"] * 4) * 3
+    assert stats["a"].repeats == 12 and stats["b"].batch_size == 8
+    with pytest.raises(WorkbenchError):
+        measure.side_by_side({})

@@ -110,3 +110,57 @@ def test_run_on_your_own_model(tmp_path):
     assert run(Recipe(**FAST), model=mine, cache=tmp_path, progress=False).key != res.key
     with pytest.raises(WorkbenchError, match="torch.nn.Module"):
         run(Recipe(**FAST), model="resnet", cache=tmp_path)
+
+
+PRUNE = dict(FAST, model_options={"hidden": [32, 16]})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(prune_amount=1.0), r"prune_amount must be a fraction in \[0, 1\)"),
+        (dict(prune_amount=0.5, prune_kind="random"), "prune_kind must be one of unstructured, structured"),
+        (dict(prune_amount=0.5, prune_kind="structured", prune_schedule="gradual"), "structured pruning is one-shot"),
+        (dict(prune_amount=0.5, finetune_lr=-1.0), "finetune_lr must be positive"),
+    ],
+)
+def test_bad_pruning_settings(changes, message):
+    with pytest.raises(WorkbenchError, match=message):
+        Recipe(**(PRUNE | changes))
+
+
+def test_dense_resets_every_compression_setting():
+    r = Recipe(**PRUNE, prune_amount=0.5, prune_kind="structured", finetune_epochs=2, prune_exclude=["net.1"])
+    assert r.compressed and not r.dense().compressed
+    assert r.dense() == Recipe(**PRUNE)
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_unstructured_pruning_step_reuses_the_cached_dense_model(tmp_path, monkeypatch):
+    dense = run(Recipe(**PRUNE), cache=tmp_path, progress=False)
+    calls = []
+    real_fit = recipe_mod.fit
+    monkeypatch.setattr(recipe_mod, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
+    pruned = run(Recipe(**PRUNE, prune_amount=0.7, finetune_epochs=1), cache=tmp_path, progress=False)
+    assert calls == [], "the dense model came from the cache; only fine-tuning (in prune) trained"
+    assert pruned.dense_accuracy == dense.accuracy
+    assert pruned.sparsity == pytest.approx(0.7, abs=2e-3)
+    assert pruned.params == dense.params and pruned.nonzero_params < 0.4 * dense.params
+    # Masks are gone, zeros stay: the checkpoint is a plain model with the same sparsity.
+    model = pruned.load_model()
+    assert not any("weight_mask" in dict(m.named_buffers()) for m in model.modules())
+    assert pruned.sparse_bytes["bitmask"] < pruned.sparse_bytes["dense"]
+    # Unstructured zeros do not shrink the ONNX file: the tensors keep their shape.
+    assert abs(pruned.size_onnx_bytes - dense.size_onnx_bytes) < 0.02 * dense.size_onnx_bytes
+
+
+def test_structured_pruning_step_shrinks_the_model_and_reloads(tmp_path):
+    dense = run(Recipe(**PRUNE), cache=tmp_path, progress=False)
+    small = run(Recipe(**PRUNE, prune_amount=0.5, prune_kind="structured", finetune_epochs=1), cache=tmp_path,
+                progress=False)
+    assert small.params == 64 * 16 + 16 + 16 * 8 + 8 + 8 * 10 + 10
+    assert small.macs < dense.macs and small.size_onnx_bytes < 0.6 * dense.size_onnx_bytes
+    assert small.onnx_top1_agreement == 1.0
+    model = small.load_model()
+    ds = load("digits")
+    assert evaluate(model, ds.X_test, ds.y_test).accuracy == small.accuracy

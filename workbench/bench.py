@@ -18,7 +18,8 @@ import onnxruntime
 import torch
 
 from .errors import WorkbenchError
-from .recipe import Recipe, Result, sweep
+from .data import load
+from .recipe import Recipe, Result, run, sweep
 
 __all__ = ["BASELINES", "GROUPS", "machine_info", "cpu_flags", "run_bench", "write_json"]
 
@@ -90,7 +91,53 @@ def baseline(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple
     return rows, figures
 
 
-GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {"baseline": baseline}
+# Chapter 3. Unstructured pruning is measured on LeNet-300-100 (as in Han et al. 2015); structured
+# pruning on the CNN at 28x28, big enough at batch 64 (6 MB of activations) to leave the caches,
+# so that its latency can follow its MACs.
+PRUNE_UNSTRUCTURED = BASELINES["lenet300_digits28"]
+PRUNE_STRUCTURED = Recipe(model="cnn", dataset="digits28", epochs=10)
+
+
+def _drop_pp(dense: Result, pruned: Result) -> float:
+    return 100.0 * (dense.accuracy - pruned.accuracy)
+
+
+def pruning(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
+    """Accuracy after global magnitude pruning, one-shot vs gradual, and structured pruning's MACs vs latency."""
+    from . import onnx as wonnx
+    from .measure import side_by_side
+
+    dense = run(PRUNE_UNSTRUCTURED, cache=cache, progress=progress)
+    runs = {f"unstructured_{int(a * 100)}": PRUNE_UNSTRUCTURED.replace(prune_amount=a, finetune_epochs=5)
+            for a in (0.8, 0.9)}
+    # Same total fine-tuning (4 epochs) for both, so only the schedule differs.
+    runs["oneshot_95"] = PRUNE_UNSTRUCTURED.replace(prune_amount=0.95, finetune_epochs=4)
+    runs["gradual_95"] = PRUNE_UNSTRUCTURED.replace(prune_amount=0.95, prune_schedule="gradual", prune_steps=4,
+                                                    finetune_epochs=1)
+    results = {name: run(r, cache=cache, progress=progress) for name, r in runs.items()}
+    figures = {f"prune_{name}_acc_drop_pp": _drop_pp(dense, r) for name, r in results.items()}
+
+    cnn = run(PRUNE_STRUCTURED, cache=cache, progress=progress)
+    small = run(PRUNE_STRUCTURED.replace(prune_amount=0.5, prune_kind="structured", finetune_epochs=5),
+                cache=cache, progress=progress)
+    x = load(PRUNE_STRUCTURED.dataset, seed=PRUNE_STRUCTURED.seed).X_test[:64].numpy()
+    sessions = {"dense": wonnx.session(cnn.onnx_path), "pruned": wonnx.session(small.onnx_path)}
+    stats = side_by_side({k: (lambda s=s: s.run(None, {"input": x})) for k, s in sessions.items()},
+                         batch_size=len(x))
+    figures["prune_channels_50_macs_reduction"] = cnn.macs / small.macs
+    figures["prune_channels_50_params_reduction"] = cnn.params / small.params
+    figures["prune_channels_50_latency_speedup"] = stats["dense"].p50_us / stats["pruned"].p50_us
+    figures["prune_channels_50_acc_drop_pp"] = _drop_pp(cnn, small)
+
+    rows = [{"name": "lenet300_dense", **dense.summary()}]
+    rows += [{"name": f"lenet300_{name}", **r.summary(), "sparse_bytes": r.sparse_bytes,
+              "acc_drop_pp": _drop_pp(dense, r)} for name, r in results.items()]
+    rows += [{"name": name, **r.summary(), "ort_b64_p50_us": stats[key].p50_us}
+             for name, r, key in (("cnn_dense", cnn, "dense"), ("cnn_channels_50", small, "pruned"))]
+    return rows, figures
+
+
+GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {"baseline": baseline, "pruning": pruning}
 
 
 def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None = None,

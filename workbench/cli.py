@@ -1,4 +1,4 @@
-"""The `workbench` command line: train, info, export, bench (also `python -m workbench`)."""
+"""The `workbench` command line: train, compress, info, export, bench (also `python -m workbench`)."""
 
 from __future__ import annotations
 
@@ -31,22 +31,58 @@ def _load_data(name: str, root: str | None, seed: int):
     return data.load(name, root=root, seed=seed)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from .recipe import Recipe, run
+def _recipe(args: argparse.Namespace, **compression: Any):
+    from .recipe import Recipe
 
-    recipe = Recipe(model=args.model, dataset=args.dataset, model_options=dict(args.option), epochs=args.epochs,
-                    lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed,
-                    weight_decay=args.weight_decay)
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise WorkbenchError(f"--out {str(out)!r} is a directory; give a file name such as model.pt")
+    return Recipe(model=args.model, dataset=args.dataset, model_options=dict(args.option), epochs=args.epochs,
+                  lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed,
+                  weight_decay=args.weight_decay, **compression)
+
+
+def _run_and_copy(recipe, args: argparse.Namespace):
+    from .recipe import run
+
+    outs = [Path(p) for p in (args.out, getattr(args, "onnx", None)) if p]
+    for out in outs:
+        if out.is_dir():
+            raise WorkbenchError(f"{str(out)!r} is a directory; give a file name such as model.pt or model.onnx")
     result = run(recipe, data=_load_data(args.dataset, args.data_root, args.seed), use_cache=not args.no_cache)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.copyfile(result.checkpoint_path, tmp)
-    tmp.replace(out)
+    for out, src in zip(outs, (result.checkpoint_path, result.onnx_path)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(out)
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)
+    result = _run_and_copy(recipe, args)
     source = "from cache" if result.cached else f"trained in {result.train_seconds:.1f} s"
-    print(f"{recipe.model} on {recipe.dataset}: test accuracy {result.accuracy:.4f} ({source}); wrote {out}")
+    print(f"{recipe.model} on {recipe.dataset}: test accuracy {result.accuracy:.4f} ({source}); wrote {args.out}")
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    recipe = _recipe(args, prune_amount=args.prune, prune_kind=args.prune_kind, prune_scope=args.scope,
+                     prune_schedule=args.schedule, prune_steps=args.steps, prune_exclude=tuple(args.exclude),
+                     finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
+    if not recipe.compressed:
+        raise WorkbenchError("nothing to compress: give a pruning amount, e.g. --prune 0.8")
+    r = _run_and_copy(recipe, args)
+    from .recipe import run
+
+    dense = run(recipe.dense(), data=_load_data(args.dataset, args.data_root, args.seed))
+    best = min(r.sparse_bytes, key=r.sparse_bytes.get)
+    print(f"{recipe.model} on {recipe.dataset}, {recipe.prune_kind} pruning {recipe.prune_amount:.0%}"
+          f" ({recipe.prune_schedule if recipe.prune_kind == 'unstructured' else 'one-shot'},"
+          f" {recipe.finetune_epochs} fine-tune epochs{' per round' if recipe.prune_schedule == 'gradual' else ''})")
+    print(f"  test accuracy  {dense.accuracy:.4f} -> {r.accuracy:.4f} ({100 * (r.accuracy - dense.accuracy):+.2f} percentage points)")
+    print(f"  parameters     {dense.params:,} -> {r.params:,} ({r.nonzero_params:,} non-zero, sparsity {r.sparsity:.1%})")
+    print(f"  MACs           {dense.macs:,} -> {r.macs:,}")
+    print(f"  ONNX file      {dense.size_onnx_bytes / 1024:.1f} KB -> {r.size_onnx_bytes / 1024:.1f} KB"
+          f" (weights stored {best}: {r.sparse_bytes[best] / 1024:.1f} KB)")
+    print(f"  ORT batch-1    {dense.latency_ort_b1.p50_us:.0f} us -> {r.latency_ort_b1.p50_us:.0f} us (p50)")
+    print(f"wrote {args.out}" + (f" and {args.onnx}" if args.onnx else ""))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -106,22 +142,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"workbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def training_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="mlp", choices=list(MODELS))
+        p.add_argument("--dataset", default="digits", choices=list(DATASETS))
+        p.add_argument("--data-root", help="folder with the dataset files (mnist, fashion-mnist, cifar10)")
+        p.add_argument("--epochs", type=int, default=30)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS))
+        p.add_argument("--weight-decay", type=float, default=0.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="model option, repeatable (e.g. --option batchnorm=false --option hidden=[512,256])")
+        p.add_argument("--no-cache", action="store_true", help="recompute even if this recipe is cached")
+        p.add_argument("--out", required=True, help="checkpoint file to write (e.g. model.pt)")
+
     p = sub.add_parser("train", help="train a model of the zoo and save a checkpoint",
                        description="Train a model through the Recipe pipeline (cached) and save a checkpoint.")
-    p.add_argument("--model", default="mlp", choices=list(MODELS))
-    p.add_argument("--dataset", default="digits", choices=list(DATASETS))
-    p.add_argument("--data-root", help="folder with the dataset files (mnist, fashion-mnist, cifar10)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS))
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="model option, repeatable (e.g. --option batchnorm=false --option hidden=[512,256])")
-    p.add_argument("--no-cache", action="store_true", help="retrain even if this recipe is cached")
-    p.add_argument("--out", required=True, help="checkpoint file to write (e.g. model.pt)")
+    training_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compress", help="train (or fetch) a model, prune and fine-tune it, save the result",
+                       description="Compress a model of the zoo through the Recipe pipeline and compare it with "
+                                   "the dense model (both cached).")
+    training_flags(p)
+    p.add_argument("--prune", type=float, default=0.0, metavar="AMOUNT",
+                   help="fraction of weights (unstructured) or channels (structured) to remove, in [0, 1)")
+    p.add_argument("--prune-kind", default="unstructured", choices=["unstructured", "structured"])
+    p.add_argument("--scope", default="global", choices=["global", "layer"], help="unstructured: rank weights "
+                   "over all layers together (global) or within each layer")
+    p.add_argument("--schedule", default="oneshot", choices=["oneshot", "gradual"],
+                   help="gradual: Zhu & Gupta's cubic schedule in --steps rounds")
+    p.add_argument("--steps", type=int, default=4, help="rounds of the gradual schedule")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after (each round of) pruning")
+    p.add_argument("--finetune-lr", type=float, default=None, help="default: --lr / 10")
+    p.add_argument("--exclude", action="append", default=[], metavar="LAYER", help="layer to keep dense, repeatable")
+    p.add_argument("--onnx", metavar="PATH", help="also write the compressed model's ONNX file")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("info", help="parameters, MACs, size and test accuracy of a checkpoint")
     p.add_argument("checkpoint")

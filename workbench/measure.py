@@ -7,7 +7,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ __all__ = [
     "time_calls",
     "latency",
     "torch_latency",
+    "side_by_side",
     "SparseSizes",
     "sparse_sizes",
     "model_sparse_sizes",
@@ -164,12 +165,16 @@ def latency(fn: Callable[[], Any], *, warmup: int = 10, repeats: int = 100, thre
     slowest 1% of users see). Warm-up calls are discarded: the first calls pay for lazy
     initialization, memory allocation and cold caches.
     """
-    t = time_calls(fn, warmup=warmup, repeats=repeats)
+    return _stats(time_calls(fn, warmup=warmup, repeats=repeats), warmup=warmup, threads=threads,
+                  batch_size=batch_size)
+
+
+def _stats(t: np.ndarray, *, warmup: int, threads: int, batch_size: int) -> LatencyStats:
     p50, p90, p99 = np.percentile(t, [50, 90, 99])
     return LatencyStats(
         p50_us=float(p50), p90_us=float(p90), p99_us=float(p99), mean_us=float(t.mean()),
         std_us=float(t.std()), min_us=float(t.min()), max_us=float(t.max()),
-        repeats=repeats, warmup=warmup, threads=threads, batch_size=batch_size,
+        repeats=len(t), warmup=warmup, threads=threads, batch_size=batch_size,
     )
 
 
@@ -438,3 +443,28 @@ def break_even_density(fmt: str, *, shape: tuple[int, ...], value_bits: int = 32
             lo, hi = (mid, hi) if smaller(mid) else (lo, mid)
         density = lo / numel
     return float(min(max(density, 0.0), 1.0))
+
+
+def side_by_side(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 5, repeats: int = 50, warmup: int = 10,
+                 threads: int = 1, batch_size: int = 1) -> dict[str, LatencyStats]:
+    """Latency of several callables measured in interleaved rounds, for fair ratios.
+
+    On a shared machine the load drifts; timing A fully and then B fully lets that drift land on
+    one of them. Here each round times every callable in turn, and each one's statistics pool its
+    samples over all rounds. Each callable must already use `threads` threads (recorded only).
+
+    Example:
+        >>> stats = side_by_side({"dense": lambda: dense(x), "pruned": lambda: small(x)}, batch_size=len(x))
+        >>> stats["dense"].p50_us / stats["pruned"].p50_us
+    """
+    if not fns:
+        raise WorkbenchError("side_by_side needs at least one callable to time")
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(time_calls(fn, warmup=0, repeats=repeats))
+    return {name: _stats(np.concatenate(chunks), warmup=warmup, threads=threads, batch_size=batch_size)
+            for name, chunks in samples.items()}
