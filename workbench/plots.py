@@ -8,7 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import plotly.graph_objects as go
 
-__all__ = ["show", "image_grid", "training_curves", "latency_distribution", "tradeoff"]
+__all__ = ["show", "image_grid", "training_curves", "latency_distribution", "tradeoff", "lines", "bars",
+           "sensitivity"]
 
 
 def show(fig: go.Figure) -> None:
@@ -93,4 +94,46 @@ def tradeoff(rows: Sequence[Mapping[str, float | str]], *, x: str, y: str, label
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=420)
     if log_x:
         fig.update_xaxes(type="log")
+    return fig
+
+
+def lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, x_title: str, y_title: str,
+          title: str = "", reference: tuple[str, float] | None = None, height: int = 420) -> go.Figure:
+    """One line with markers per named series of (x, y); an optional horizontal reference line."""
+    fig = go.Figure()
+    for name, (xs, ys) in series.items():
+        fig.add_trace(go.Scatter(x=list(xs), y=list(ys), mode="lines+markers", name=name))
+    if reference is not None:
+        label, value = reference
+        fig.add_hline(y=value, line_dash="dash", line_color="gray", annotation_text=label,
+                      annotation_position="bottom left")
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=height,
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def bars(categories: Sequence[str], series: Mapping[str, Sequence[float]], *, y_title: str, title: str = "",
+         log_y: bool = False, height: int = 400) -> go.Figure:
+    """Grouped bars: one group per category, one bar per named series."""
+    fig = go.Figure([go.Bar(name=name, x=list(categories), y=list(values), text=[f"{v:.3g}" for v in values],
+                            textposition="outside") for name, values in series.items()])
+    fig.update_layout(barmode="group", title=title, yaxis_title=y_title, height=height,
+                      legend=dict(orientation="h", y=-0.2))
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def sensitivity(amounts: Sequence[float], accuracy: Mapping[str, Sequence[float]], *,
+                base_accuracy: float) -> plt.Figure:
+    """Accuracy per layer as that layer alone is pruned (a ``prune.SensitivityScan``'s fields)."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for name, accs in accuracy.items():
+        ax.plot([100 * a for a in amounts], accs, marker="o", label=name)
+    ax.axhline(base_accuracy, color="gray", ls="--", lw=1, label="unpruned")
+    ax.set(xlabel="weights removed from this layer only (%)", ylabel="validation accuracy",
+           title="Sensitivity of each layer to magnitude pruning (no fine-tuning)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
