@@ -164,3 +164,14 @@ def test_structured_pruning_step_shrinks_the_model_and_reloads(tmp_path):
     model = small.load_model()
     ds = load("digits")
     assert evaluate(model, ds.X_test, ds.y_test).accuracy == small.accuracy
+
+
+def test_sensitivity_scope_derives_per_layer_amounts(tmp_path):
+    r = run(Recipe(**PRUNE, prune_amount=0.9, prune_scope="sensitivity", finetune_epochs=1), cache=tmp_path,
+            progress=False)
+    amounts = r.history["sensitivity_amounts"]
+    assert set(amounts) == set(r.layer_sparsity) and all(0 <= a <= 0.9 for a in amounts.values())
+    for name, a in amounts.items():
+        assert r.layer_sparsity[name] == pytest.approx(a, abs=0.01)
+    with pytest.raises(WorkbenchError, match="one-shot"):
+        Recipe(**PRUNE, prune_amount=0.9, prune_scope="sensitivity", prune_schedule="gradual")

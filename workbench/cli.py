@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", type=float, default=0.0, metavar="AMOUNT",
                    help="fraction of weights (unstructured) or channels (structured) to remove, in [0, 1)")
     p.add_argument("--prune-kind", default="unstructured", choices=["unstructured", "structured"])
-    p.add_argument("--scope", default="global", choices=["global", "layer"], help="unstructured: rank weights "
-                   "over all layers together (global) or within each layer")
+    p.add_argument("--scope", default="global", choices=["global", "layer", "sensitivity"],
+                   help="unstructured: rank weights over all layers together (global), within each layer, or "
+                   "per-layer amounts (at most --prune) from a sensitivity scan")
     p.add_argument("--schedule", default="oneshot", choices=["oneshot", "gradual"],
                    help="gradual: Zhu & Gupta's cubic schedule in --steps rounds")
     p.add_argument("--steps", type=int, default=4, help="rounds of the gradual schedule")

@@ -39,6 +39,7 @@ __all__ = ["Recipe", "Result", "run", "sweep", "cache_dir", "RESULT_VERSION"]
 # Bump when Result's fields or the meaning of a measurement change: old cache entries then miss.
 RESULT_VERSION = 2
 PRUNE_KINDS = ("unstructured", "structured")
+SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 COMPRESSION_FIELDS = ("prune_amount", "prune_kind", "prune_scope", "prune_schedule", "prune_steps",
                       "prune_exclude", "finetune_epochs", "finetune_lr")
 
@@ -81,7 +82,8 @@ class Recipe:
     export_onnx: bool = True
     threads: int = 1
     latency_repeats: int = 200
-    # Pruning (chapter 3): applied to the trained dense model, then fine-tuned.
+    # Pruning (chapter 3): applied to the trained dense model, then fine-tuned. prune_scope is
+    # "global", "layer" or "sensitivity" (per-layer amounts, at most prune_amount, from a scan).
     prune_amount: float = 0.0
     prune_kind: str = "unstructured"
     prune_scope: str = "global"
@@ -116,12 +118,15 @@ class Recipe:
         a = self.prune_amount
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a < 1.0:
             raise WorkbenchError(f"Recipe.prune_amount must be a fraction in [0, 1) (0.8 = remove 80%), got {a!r}")
-        for name, allowed in (("prune_kind", PRUNE_KINDS), ("prune_scope", ("global", "layer")),
+        for name, allowed in (("prune_kind", PRUNE_KINDS), ("prune_scope", ("global", "layer", "sensitivity")),
                               ("prune_schedule", ("oneshot", "gradual"))):
             if getattr(self, name) not in allowed:
                 raise WorkbenchError(f"Recipe.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.prune_kind == "structured" and self.prune_schedule == "gradual":
             raise WorkbenchError("the gradual schedule is for unstructured pruning; structured pruning is one-shot")
+        if self.prune_scope == "sensitivity" and self.prune_schedule == "gradual":
+            raise WorkbenchError("prune_scope='sensitivity' sets per-layer amounts once (one-shot); "
+                                 "use scope 'global' or 'layer' with the gradual schedule")
         if self.prune_steps < 1 or self.finetune_epochs < 0:
             raise WorkbenchError("Recipe.prune_steps must be >= 1 and finetune_epochs >= 0")
         if self.finetune_lr is not None and not self.finetune_lr > 0:
@@ -265,6 +270,16 @@ def _compress(recipe: Recipe, net: nn.Module, ds: _data.Dataset, progress: bool 
         net = prune.channel_prune(net, recipe.prune_amount, input_shape=ds.input_shape, exclude=recipe.prune_exclude)
         hist = fit(net, ds, epochs=recipe.finetune_epochs, **tune) if recipe.finetune_epochs else None
         return net, {"finetune": hist.to_dict() if hist else {}}
+    if recipe.prune_scope == "sensitivity":
+        # Per-layer amounts from a sensitivity scan on the validation split: each layer gets the
+        # largest amount (up to prune_amount) that alone costs at most one point of accuracy.
+        grid = tuple(a for a in SENSITIVITY_GRID if a <= recipe.prune_amount) + (recipe.prune_amount,)
+        per_layer = prune.amounts_from_scan(prune.sensitivity_scan(net, ds, amounts=tuple(sorted(set(grid)))),
+                                            max_drop=0.01)
+        per_layer = {n: a for n, a in per_layer.items() if n not in recipe.prune_exclude}
+        prune.apply_masks(net, prune.magnitude_masks(net, per_layer, scope="layer"))
+        prune.fine_tune(net, ds, epochs=recipe.finetune_epochs, **tune)
+        return prune.finalize(net), {"sensitivity_amounts": per_layer}
     steps = recipe.prune_steps if recipe.prune_schedule == "gradual" else 1
     rows = prune.gradual_prune(net, ds, final=recipe.prune_amount, steps=steps, epochs_per_step=recipe.finetune_epochs,
                                scope=recipe.prune_scope, exclude=recipe.prune_exclude, **tune)
