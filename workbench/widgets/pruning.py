@@ -1,4 +1,4 @@
-"""Interactive notebook explorers (ipywidgets + plotly) over cached `run` results."""
+"""The pruning explorer (chapter 3): ratio, scope, kind and fine-tuning -> accuracy, size, latency, weights."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 
 from IPython import get_ipython
 
-from . import plots, prune
-from .errors import WorkbenchError
-from .recipe import Recipe, Result, run, sweep
+from .. import plots, prune
+from ..errors import WorkbenchError
+from ..recipe import Recipe, Result, run, sweep
 
 __all__ = ["PruningExplorer"]
 
