@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as _data
-from . import measure, models, prune
+from . import distill, measure, models, prune
 from . import onnx as _onnx
 from .errors import WorkbenchError
 from .measure import LatencyStats
@@ -37,7 +37,7 @@ from .train import OPTIMIZERS, evaluate, fit, show_progress
 __all__ = ["Recipe", "Result", "run", "sweep", "cache_dir", "RESULT_VERSION"]
 
 # Bump when Result's fields or the meaning of a measurement change: old cache entries then miss.
-RESULT_VERSION = 2
+RESULT_VERSION = 3
 PRUNE_KINDS = ("unstructured", "structured")
 SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 COMPRESSION_FIELDS = ("prune_amount", "prune_kind", "prune_scope", "prune_schedule", "prune_steps",
@@ -92,9 +92,16 @@ class Recipe:
     prune_exclude: Any = ()
     finetune_epochs: int = 0
     finetune_lr: float | None = None
+    # Knowledge distillation (chapter 5): train this model (the student) on the soft targets of
+    # `teacher`, a Recipe (or its dict) trained first on the same data; None trains on labels.
+    teacher: Any = None
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_options", _freeze(dict(self.model_options)))
+        if isinstance(self.teacher, Mapping):
+            object.__setattr__(self, "teacher", Recipe.from_dict(self.teacher))
         object.__setattr__(self, "prune_exclude", tuple(str(n) for n in self.prune_exclude))
         if self.model.lower() not in models.MODELS:
             raise WorkbenchError(f"unknown model {self.model!r}; known models: {', '.join(models.MODELS)}")
@@ -113,6 +120,22 @@ class Recipe:
         if self.optimizer not in OPTIMIZERS:
             raise WorkbenchError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         self._validate_pruning()
+        self._validate_distillation()
+
+    def _validate_distillation(self) -> None:
+        if self.teacher is None:
+            return
+        if not isinstance(self.teacher, Recipe):
+            raise WorkbenchError(f"Recipe.teacher must be a Recipe (or its dict), got {type(self.teacher).__name__}")
+        if self.teacher.dataset != self.dataset:
+            raise WorkbenchError(f"the teacher is trained on {self.teacher.dataset!r} but the student on "
+                                 f"{self.dataset!r}; distillation needs the same data")
+        t = self.kd_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise WorkbenchError(f"Recipe.kd_temperature must be > 0 (1 = plain softmax, 2-20 typical), got {t!r}")
+        a = self.kd_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise WorkbenchError(f"Recipe.kd_alpha (weight of the soft-target loss) must be in [0, 1], got {a!r}")
 
     def _validate_pruning(self) -> None:
         a = self.prune_amount
@@ -151,6 +174,7 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["model_options"] = self.options
         d["prune_exclude"] = list(self.prune_exclude)
+        d["teacher"] = self.teacher.to_dict() if self.teacher is not None else None
         return d
 
     @classmethod
@@ -188,6 +212,7 @@ class Result:
     layer_sparsity: dict[str, float]
     sparse_bytes: dict[str, int]
     dense_accuracy: float | None
+    teacher_accuracy: float | None
     history: dict[str, Any]
     train_seconds: float
     checkpoint_path: str
@@ -287,7 +312,8 @@ def _compress(recipe: Recipe, net: nn.Module, ds: _data.Dataset, progress: bool 
 
 
 def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key: str, builtin: bool,
-             history: dict, train_seconds: float, dense_accuracy: float | None) -> Result:
+             history: dict, train_seconds: float, dense_accuracy: float | None,
+             teacher_accuracy: float | None) -> Result:
     """Evaluate, measure and export the finished model into the (temporary) entry folder."""
     test = evaluate(net, ds.X_test, ds.y_test)
     val = evaluate(net, ds.X_val, ds.y_val)
@@ -318,7 +344,8 @@ def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key
         latency_ort_b1=ort_lat, sparsity=prune.sparsity(net), layer_sparsity=prune.layer_sparsity(net),
         sparse_bytes={"dense": sizes.dense, "csr": sizes.csr, "bitmask": sizes.bitmask,
                       "relative": sizes.relative} if sizes else {},
-        dense_accuracy=dense_accuracy, history=history, train_seconds=train_seconds,
+        dense_accuracy=dense_accuracy, teacher_accuracy=teacher_accuracy, history=history,
+        train_seconds=train_seconds,
         checkpoint_path="model.pt", onnx_path="model.onnx" if onnx_path else None,
         versions=_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -370,7 +397,7 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
         return _localize(hit, entry)
 
     t0 = time.perf_counter()
-    dense_accuracy = None
+    dense_accuracy = teacher_accuracy = None
     if recipe.compressed:
         # Compression starts from the trained dense model, itself a cached run: a sweep over
         # pruning amounts trains the baseline once.
@@ -379,9 +406,15 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
         net, history = _compress(recipe, net, ds, progress)
         dense_accuracy = base.accuracy
     else:
-        hist = fit(net, ds, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
-                   optimizer=recipe.optimizer, weight_decay=recipe.weight_decay, seed=recipe.seed,
-                   progress=progress) if recipe.epochs else None
+        train = dict(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, optimizer=recipe.optimizer,
+                     weight_decay=recipe.weight_decay, seed=recipe.seed, progress=progress)
+        if recipe.teacher is not None and recipe.epochs:
+            teacher = run(recipe.teacher, data=ds, cache=cache, progress=progress)
+            teacher_accuracy = teacher.accuracy
+            hist = distill.distill(net, teacher.load_model(), ds, temperature=recipe.kd_temperature,
+                                   alpha=recipe.kd_alpha, **train)
+        else:
+            hist = fit(net, ds, **train) if recipe.epochs else None
         history = hist.to_dict() if hist else {}
     train_seconds = time.perf_counter() - t0
 
@@ -390,7 +423,8 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        result = _measure(recipe, net, ds, tmp, key, model is None, history, train_seconds, dense_accuracy)
+        result = _measure(recipe, net, ds, tmp, key, model is None, history, train_seconds, dense_accuracy,
+                          teacher_accuracy)
         (tmp / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
         # Publish the finished entry with one rename, so readers never see half an entry. An
         # older or damaged entry is moved aside first; if another process published the same

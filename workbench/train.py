@@ -132,6 +132,7 @@ def fit(
     seed: int = 0,
     progress: bool | None = None,
     on_step: Callable[[nn.Module], None] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> History:
     """Train `model` on `data`'s train split with cross-entropy; report val metrics every epoch.
 
@@ -149,6 +150,8 @@ def fit(
         seed: seeds shuffling and dropout.
         progress: a tqdm.auto bar per epoch; None shows it unless CI or WORKBENCH_PROGRESS=0.
         on_step: called with the model after every optimizer step (e.g. to re-apply pruning masks).
+        loss: the training loss as a function of (logits, indices of the batch in the train split);
+            default cross-entropy with the labels. Knowledge distillation plugs in here.
 
     Returns:
         The :class:`History` of losses, accuracies and learning rates per epoch.
@@ -171,7 +174,8 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     X, y = data.X_train, data.y_train
     hist = History()
-    bar = trange(int(epochs), desc=f"train {type(model).__name__}", disable=not show_progress(progress), leave=False)
+    bar = trange(int(epochs), desc=f"{'train' if loss is None else 'distill'} {type(model).__name__}",
+                 disable=not show_progress(progress), leave=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout and any other in-model randomness
         for _ in bar:
@@ -182,15 +186,15 @@ def fit(
             for i in range(0, len(X), batch_size):
                 idx = perm[i:i + batch_size]
                 logits = model(X[idx])
-                loss = F.cross_entropy(logits, y[idx])
+                batch_loss = F.cross_entropy(logits, y[idx]) if loss is None else loss(logits, idx)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                batch_loss.backward()
                 opt.step()
                 if sched is not None:
                     sched.step()
                 if on_step is not None:
                     on_step(model)
-                total_loss += loss.item() * len(idx)
+                total_loss += batch_loss.item() * len(idx)
                 correct += int((logits.argmax(1) == y[idx]).sum())
             val = evaluate(model, data.X_val, data.y_val)
             hist.train_loss.append(total_loss / len(X))
