@@ -28,20 +28,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as _data
-from . import distill, measure, models, prune
+from . import distill, measure, models, prune, quant
 from . import onnx as _onnx
 from .errors import WorkbenchError
 from .measure import LatencyStats
 from .train import OPTIMIZERS, evaluate, fit, show_progress
 
-__all__ = ["Recipe", "Result", "run", "sweep", "cache_dir", "RESULT_VERSION"]
+__all__ = ["Recipe", "Result", "run", "sweep", "load_model", "cache_dir", "RESULT_VERSION"]
 
 # Bump when Result's fields or the meaning of a measurement change: old cache entries then miss.
-RESULT_VERSION = 3
+RESULT_VERSION = 4
 PRUNE_KINDS = ("unstructured", "structured")
 SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 COMPRESSION_FIELDS = ("prune_amount", "prune_kind", "prune_scope", "prune_schedule", "prune_steps",
-                      "prune_exclude", "finetune_epochs", "finetune_lr")
+                      "prune_exclude", "finetune_epochs", "finetune_lr", "weight_bits", "act_bits",
+                      "quant_symmetric", "quant_granularity", "calibration", "qat_epochs")
+CALIBRATION_IMAGES = 512
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -97,6 +99,14 @@ class Recipe:
     teacher: Any = None
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
+    # Quantization (chapter 4): fake-quantized weights and layer inputs; 0 bits keeps floats.
+    # Calibrated on 512 training images (PTQ); qat_epochs > 0 then fine-tunes with fake quantization.
+    weight_bits: int = 0
+    act_bits: int = 0
+    quant_symmetric: bool = True
+    quant_granularity: str = "per-channel"
+    calibration: str = "minmax"
+    qat_epochs: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_options", _freeze(dict(self.model_options)))
@@ -107,7 +117,8 @@ class Recipe:
             raise WorkbenchError(f"unknown model {self.model!r}; known models: {', '.join(models.MODELS)}")
         if self.dataset.lower().replace("_", "-") not in _data.DATASETS:
             raise WorkbenchError(f"unknown dataset {self.dataset!r}; known datasets: {', '.join(_data.DATASETS)}")
-        for name in ("epochs", "batch_size", "seed", "threads", "latency_repeats", "prune_steps", "finetune_epochs"):
+        for name in ("epochs", "batch_size", "seed", "threads", "latency_repeats", "prune_steps", "finetune_epochs",
+                     "weight_bits", "act_bits", "qat_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise WorkbenchError(f"Recipe.{name} must be an integer, got {value!r}")
@@ -121,6 +132,19 @@ class Recipe:
             raise WorkbenchError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         self._validate_pruning()
         self._validate_distillation()
+        if self.quantized:
+            self.quant_config()  # validates bits, granularity, calibration
+        elif self.qat_epochs:
+            raise WorkbenchError("Recipe.qat_epochs needs quantization: set weight_bits and/or act_bits")
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.weight_bits or self.act_bits)
+
+    def quant_config(self) -> quant.QuantConfig:
+        """The quantization settings as a :class:`workbench.quant.QuantConfig`."""
+        return quant.QuantConfig(weight_bits=self.weight_bits, act_bits=self.act_bits, symmetric=self.quant_symmetric,
+                                 granularity=self.quant_granularity, calibration=self.calibration)
 
     def _validate_distillation(self) -> None:
         if self.teacher is None:
@@ -158,7 +182,7 @@ class Recipe:
     @property
     def compressed(self) -> bool:
         """Whether any compression step is on (else this is a plain training run)."""
-        return self.prune_amount > 0
+        return self.prune_amount > 0 or self.quantized
 
     def dense(self) -> "Recipe":
         """The same recipe with every compression step off: the baseline it is compared with."""
@@ -213,6 +237,8 @@ class Result:
     sparse_bytes: dict[str, int]
     dense_accuracy: float | None
     teacher_accuracy: float | None
+    size_quantized_bytes: int | None
+    layer_sqnr: dict[str, float]
     history: dict[str, Any]
     train_seconds: float
     checkpoint_path: str
@@ -248,12 +274,35 @@ class Result:
         }
 
     def load_model(self, into: nn.Module | None = None) -> nn.Module:
-        """The trained model from the cached checkpoint (for a user model, pass an instance as `into`)."""
+        """The trained model from the cached checkpoint (for a user model, pass an instance as `into`).
+
+        A quantized recipe gives back the fake-quantized model (its calibrated ranges included).
+        """
         if into is None:
-            return models.load_checkpoint(self.checkpoint_path)[0]
+            return load_model(self.checkpoint_path)
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        if self.recipe.quantized:
+            into = quant.quantize_model(into, self.recipe.quant_config())
         into.load_state_dict(state["state_dict"])
         return into.eval()
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """Load any checkpoint the pipeline wrote (``workbench train`` / ``compress``), quantized ones included."""
+    try:
+        return models.load_checkpoint(path)[0]
+    except WorkbenchError:
+        payload = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
+        recipe = (payload or {}).get("metadata", {}).get("recipe") if isinstance(payload, dict) else None
+        if not recipe or not (recipe.get("weight_bits") or recipe.get("act_bits")):
+            raise
+    spec = payload["spec"]
+    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.get("options", {}).items()}
+    model = models.build(spec["name"], input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"],
+                         **options)
+    qmodel = quant.quantize_model(model, Recipe.from_dict(recipe).quant_config())
+    qmodel.load_state_dict(payload["state_dict"])
+    return qmodel.eval()
 
 
 def _versions() -> dict[str, str]:
@@ -291,6 +340,18 @@ def _compress(recipe: Recipe, net: nn.Module, ds: _data.Dataset, progress: bool 
     """Apply the recipe's compression steps to the trained dense `net`; return the model and history."""
     tune = dict(lr=recipe.finetune_lr or recipe.lr / 10, batch_size=recipe.batch_size, optimizer=recipe.optimizer,
                 weight_decay=recipe.weight_decay, seed=recipe.seed, progress=progress)
+    history: dict[str, Any] = {}
+    if recipe.prune_amount > 0:
+        net, history = _prune(recipe, net, ds, tune)
+    if recipe.quantized:
+        qnet = quant.quantize_model(net, recipe.quant_config(), ds.X_train[:CALIBRATION_IMAGES])
+        if recipe.qat_epochs:
+            history["qat"] = fit(qnet, ds, epochs=recipe.qat_epochs, **tune).to_dict()
+        net = qnet.eval()
+    return net, history
+
+
+def _prune(recipe: Recipe, net: nn.Module, ds: _data.Dataset, tune: dict) -> tuple[nn.Module, dict]:
     if recipe.prune_kind == "structured":
         net = prune.channel_prune(net, recipe.prune_amount, input_shape=ds.input_shape, exclude=recipe.prune_exclude)
         hist = fit(net, ds, epochs=recipe.finetune_epochs, **tune) if recipe.finetune_epochs else None
@@ -311,6 +372,16 @@ def _compress(recipe: Recipe, net: nn.Module, ds: _data.Dataset, progress: bool 
     return prune.finalize(net), {"prune_rounds": rows}
 
 
+def _float_model(qnet: nn.Module) -> nn.Module:
+    """The float model inside a fake-quantized one (weights as trained, not snapped to the grid)."""
+    plain = copy.deepcopy(qnet)
+    for name, m in list(plain.named_modules()):
+        if isinstance(m, quant.FakeQuantLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, child, m.layer)
+    return plain
+
+
 def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key: str, builtin: bool,
              history: dict, train_seconds: float, dense_accuracy: float | None,
              teacher_accuracy: float | None) -> Result:
@@ -319,10 +390,12 @@ def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key
     val = evaluate(net, ds.X_val, ds.y_val)
     x1 = ds.X_test[:1]
     ckpt = entry / "model.pt"
+    quantized = isinstance(net, nn.Module) and any(isinstance(m, quant.FakeQuantLayer) for m in net.modules())
     if builtin:
         # Structured pruning changed the widths; the checkpoint records them so it can be rebuilt.
+        widths = models.width_options(_float_model(net)) if quantized else models.width_options(net)
         spec = {"name": recipe.model, "input_shape": ds.input_shape, "num_classes": ds.num_classes,
-                "options": recipe.options | models.width_options(net)}
+                "options": recipe.options | widths}
         models.save_checkpoint(ckpt, net, spec=spec, metadata={"recipe": recipe.to_dict(), "accuracy": test.accuracy})
     else:
         torch.save({"state_dict": net.state_dict()}, ckpt)
@@ -331,8 +404,9 @@ def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key
         onnx_path = _onnx.export(net, entry / "model.onnx", input_shape=ds.input_shape)
         parity = _onnx.parity(net, onnx_path, ds.X_test)
         ort_lat = _onnx.ort_latency(onnx_path, x1, threads=recipe.threads, repeats=recipe.latency_repeats)
-    sizes = (measure.model_sparse_sizes(net)["total"]
-             if any(isinstance(m, prune.PRUNABLE) for m in net.modules()) else None)
+    plain = _float_model(net) if quantized else net
+    sizes = (measure.model_sparse_sizes(plain)["total"]
+             if any(isinstance(m, prune.PRUNABLE) for m in plain.modules()) else None)
     return Result(
         recipe=recipe, key=key, accuracy=test.accuracy, val_accuracy=val.accuracy, test_loss=test.loss,
         params=measure.count_params(net), nonzero_params=measure.count_nonzero(net),
@@ -341,7 +415,9 @@ def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key
         onnx_max_abs_err=parity.max_abs_err if parity else None,
         onnx_top1_agreement=parity.top1_agreement if parity else None,
         latency_torch_b1=measure.torch_latency(net, x1, threads=recipe.threads, repeats=recipe.latency_repeats),
-        latency_ort_b1=ort_lat, sparsity=prune.sparsity(net), layer_sparsity=prune.layer_sparsity(net),
+        latency_ort_b1=ort_lat, sparsity=prune.sparsity(plain), layer_sparsity=prune.layer_sparsity(plain),
+        size_quantized_bytes=quant.packed_bytes(net) if quantized else None,
+        layer_sqnr=quant.layer_sqnr(net) if quantized else {},
         sparse_bytes={"dense": sizes.dense, "csr": sizes.csr, "bitmask": sizes.bitmask,
                       "relative": sizes.relative} if sizes else {},
         dense_accuracy=dense_accuracy, teacher_accuracy=teacher_accuracy, history=history,
