@@ -135,6 +135,8 @@ def _student(digits):
 def test_distill_is_deterministic_and_leaves_the_teacher_alone(digits, teacher):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     teacher.train()  # whatever mode the caller left it in comes back
+    for p in teacher.parameters():
+        p.grad = None  # (fit left the last step's gradients): distillation must add none
     runs = []
     for _ in range(2):
         student = _student(digits)

@@ -79,6 +79,23 @@ def _assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.searchsorted((centroids[1:] + centroids[:-1]) / 2, x, side="left")
 
 
+def _far_points(x: np.ndarray, residual: np.ndarray, n: int, *, exclude: np.ndarray) -> np.ndarray:
+    """Up to `n` distinct values of x farthest from their centroids (as scikit-learn relocates empty clusters).
+
+    If x has too few distinct values, the remaining clusters get duplicates of the last one (and stay empty).
+    """
+    taken = set(exclude.tolist())
+    picks: list[float] = []
+    for i in np.argsort(-np.abs(residual), kind="stable"):
+        if x[i] not in taken:
+            taken.add(x[i])
+            picks.append(x[i])
+            if len(picks) == n:
+                break
+    picks += [picks[-1] if picks else exclude[0]] * (n - len(picks))
+    return np.array(picks)
+
+
 def kmeans_1d(x: np.ndarray | torch.Tensor, k: int, *, init: str = "linear", iters: int = LLOYD_ITERS,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means on scalars: minimize ``sum_i (x_i - c_{a(i)})**2`` over centroids c and assignments a.
@@ -86,7 +103,9 @@ def kmeans_1d(x: np.ndarray | torch.Tensor, k: int, *, init: str = "linear", ite
     In one dimension the nearest centroid is found by binary search on the midpoints between sorted
     centroids. Each iteration assigns every point, then moves each centroid to the mean of its
     points; it stops after `iters` iterations or as soon as no assignment changes (a fixed point:
-    further iterations change nothing). A cluster that loses all its points keeps its centroid.
+    further iterations change nothing). A cluster left empty is moved onto the point farthest from
+    its centroid, as scikit-learn does: after pruning, the weights are bimodal and linear
+    initialization puts centroids in the empty gap around zero, which would otherwise waste codes.
 
     Args:
         x: the values (any shape; flattened, computed in float64).
@@ -122,7 +141,11 @@ def kmeans_1d(x: np.ndarray | torch.Tensor, k: int, *, init: str = "linear", ite
     for _ in range(int(iters)):
         counts = np.bincount(labels, minlength=k)
         sums = np.bincount(labels, weights=x, minlength=k)
-        c = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), c))
+        new_c = np.where(counts > 0, sums / np.maximum(counts, 1), c)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            new_c[empty] = _far_points(x, x - c[labels], len(empty), exclude=new_c[counts > 0])
+        c = np.sort(new_c)
         new = _assign(x, c)
         if np.array_equal(new, labels):
             break

@@ -296,10 +296,11 @@ class FakeQuantLayer(nn.Module):
 
 
 def collect_inputs(model: nn.Module, X: torch.Tensor, *, batch_size: int = 256) -> dict[str, list[torch.Tensor]]:
-    """The input activations of every Linear/Conv2d on X, by layer name (for calibration and SQNR)."""
+    """The input activations of every Linear/Conv2d (or fake-quantized layer) on X, by layer name."""
     seen: dict[str, list[torch.Tensor]] = {}
+    # In a fake-quantized model the wrapper, not the wrapped layer, receives the input.
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.setdefault(name, []).append(args[0].detach()))
-             for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+             for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, FakeQuantLayer))]
     was_training = model.training
     model.eval()
     try:

@@ -46,7 +46,7 @@ from workbench.train import evaluate
 
 from . import compress, worker
 
-__all__ = ["DDPConfig", "train", "train_single", "shard_batches", "model_spec", "main"]
+__all__ = ["DDPConfig", "initial_model", "train", "train_single", "shard_batches", "model_spec", "main"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,23 @@ class DDPConfig:
         if self.hook not in compress.HOOKS:
             raise WorkbenchError(f"unknown hook {self.hook!r}; known: {', '.join(compress.HOOKS)}")
 
+    def to_args(self, hooks: Sequence[str] | None = None) -> list[str]:
+        """These settings as command-line flags of ``python -m workbench.distributed.ddp`` (for :func:`launch`).
+
+        Example:
+            >>> DDPConfig(epochs=2).to_args()[:4]
+            ['--model', 'mlp', '--dataset', 'digits']
+        """
+        args = ["--model", self.model, "--dataset", self.dataset, "--epochs", str(self.epochs),
+                "--batch-size", str(self.batch_size), "--lr", repr(self.lr), "--momentum", repr(self.momentum),
+                "--seed", str(self.seed), "--hook", ",".join(hooks or [self.hook]),
+                "--powersgd-rank", str(self.powersgd_rank), "--topk-ratio", repr(self.topk_ratio)]
+        if self.max_steps is not None:
+            args += ["--max-steps", str(self.max_steps)]
+        if self.hidden:
+            args += ["--hidden", ",".join(str(h) for h in self.hidden)]
+        return args
+
 
 def model_spec(cfg: DDPConfig, data: Dataset) -> dict[str, Any]:
     """The :func:`workbench.models.build` arguments of the run's model (for checkpoints)."""
@@ -84,7 +101,8 @@ def model_spec(cfg: DDPConfig, data: Dataset) -> dict[str, Any]:
     return {"name": cfg.model, "input_shape": data.input_shape, "num_classes": data.num_classes, "options": options}
 
 
-def _build(cfg: DDPConfig, data: Dataset) -> nn.Module:
+def initial_model(cfg: DDPConfig, data: Dataset) -> nn.Module:
+    """The model every rank starts from (seeded by ``cfg.seed``), in train mode."""
     spec = model_spec(cfg, data)
     # Same seed on every rank, so the replicas start equal (DDP also broadcasts rank 0's weights).
     return build(spec["name"], input_shape=spec["input_shape"], num_classes=spec["num_classes"], seed=cfg.seed,
@@ -128,7 +146,7 @@ def train_single(cfg: DDPConfig, world_size: int, data: Dataset | None = None) -
         >>> ref = train_single(DDPConfig(epochs=1, max_steps=10), world_size=2)
     """
     data = data or load(cfg.dataset, seed=cfg.seed)
-    model = _build(cfg, data)
+    model = initial_model(cfg, data)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     per_epoch: dict[int, list[torch.Tensor]] = {}
     n_batches = len(shard_batches(data, cfg, world_size, 0, 0))
@@ -152,7 +170,7 @@ def train(cfg: DDPConfig, w: worker.Worker, data: Dataset | None = None) -> tupl
         (averaged over ranks), validation and test accuracy, seconds, and the bytes communicated.
     """
     data = data or load(cfg.dataset, seed=cfg.seed)
-    model = _build(cfg, data).to(w.device)
+    model = initial_model(cfg, data).to(w.device)
     # A group of its own for gradient traffic, so that only the hook's bytes are counted.
     group = dist.new_group(list(range(w.world_size)))
     ddp = DDP(model, process_group=group, device_ids=[w.device.index] if w.device.type == "cuda" else None)

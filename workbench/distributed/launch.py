@@ -51,6 +51,7 @@ class RankFailure:
     exitcode: int | None
     error: str
     root_cause: bool = False
+    traceback: str = ""
 
 
 class LaunchError(WorkbenchError):
@@ -193,10 +194,12 @@ def _failures(output: str, results: Path, nprocs: int) -> list[RankFailure]:
             order = (2, 0.0)
         else:
             continue
-        failures.append((order, torchrun_root, RankFailure(rank, code, text)))
+        tb = errors.get(rank, {}).get("traceback", "")
+        failures.append((order, torchrun_root, RankFailure(rank, code, text, traceback=tb)))
     # Tie-break equal orders by torchrun's root cause, then by rank.
     failures.sort(key=lambda t: (t[0], not t[1], t[2].rank))
-    return [RankFailure(f.rank, f.exitcode, f.error, root_cause=(i == 0)) for i, (_, _, f) in enumerate(failures)]
+    return [RankFailure(f.rank, f.exitcode, f.error, root_cause=(i == 0), traceback=f.traceback)
+            for i, (_, _, f) in enumerate(failures)]
 
 
 def _read_lines(stream, q: queue.Queue) -> None:
@@ -324,9 +327,11 @@ def launch(module: str, nprocs: int, args: Sequence[str] = (), *, timeout: float
                 raise LaunchError(f"torchrun failed (exit code {code}) before any rank reported:\n{_tail(output)}",
                                   output=output)
             root = failures[0]
+            detail = (f"rank {root.rank}'s traceback:\n  " + "\n  ".join(root.traceback.strip().splitlines()[-12:])
+                      if root.traceback else _tail(output))
             raise LaunchError(
                 f"{module} failed on rank {root.rank} of {nprocs}: {root.error}{_summary(failures[1:], 'then ')}. "
-                f"torchrun stopped the job; no process is left.\n{_tail(output)}", failures, output)
+                f"torchrun stopped the job; no process is left.\n{detail}", failures, output)
         return _collect(results, module, nprocs, output)
 
 
@@ -343,7 +348,12 @@ def _echo(progress: bool | Callable[[str], None] | None) -> Callable[[str], None
 def _summary(failures: Sequence[RankFailure], prefix: str = "") -> str:
     if not failures:
         return ""
-    return "; " + prefix + "; ".join(f"rank {f.rank}: {f.error.splitlines()[0][:200]}" for f in failures)
+    return "; " + prefix + "; ".join(f"rank {f.rank}: {_short(f.error)}" for f in failures)
+
+
+def _short(error: str, n: int = 160) -> str:
+    line = error.splitlines()[0] if error else ""
+    return line if len(line) <= n else line[:n - 3] + "..."
 
 
 def _tail(output: str, n: int = 15) -> str:

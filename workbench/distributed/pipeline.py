@@ -68,6 +68,11 @@ class PipeConfig:
             raise WorkbenchError(f"batch_size ({self.batch_size}) must be a multiple of micro_batches "
                                  f"({self.micro_batches}) so that every micro-batch has the same size")
 
+    def to_args(self) -> list[str]:
+        """These settings as flags of ``python -m workbench.distributed.pipeline`` (for :func:`launch`)."""
+        return ["--hidden", str(self.hidden), "--depth", str(self.depth), "--batch-size", str(self.batch_size),
+                "--micro-batches", str(self.micro_batches), "--seed", str(self.seed), "--repeats", str(self.repeats)]
+
 
 def bubble_formula(stages: int, micro_batches: int) -> float:
     """Idle share of each stage in a GPipe/1F1B step with equal stages: (p-1)/(m+p-1).

@@ -119,7 +119,10 @@ def init(*, threads: int = 1, timeout_s: float | None = None, expected_world_siz
 def log(worker: Worker | int, message: str) -> None:
     """Print one progress line prefixed with the rank (the launcher streams these lines)."""
     rank = worker.rank if isinstance(worker, Worker) else int(worker)
-    print(f"[rank {rank}] {message}", flush=True)
+    # One write with the newline: the ranks share torchrun's pipe, and print() writes the text and
+    # the newline separately, so two ranks' lines could run together.
+    sys.stdout.write(f"[rank {rank}] {message}\n")
+    sys.stdout.flush()
 
 
 def _rank_file(path: str | os.PathLike, rank: int) -> Path:
