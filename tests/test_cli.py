@@ -96,3 +96,13 @@ def test_compress_prunes_and_reports(tmp_path, capsys):
     assert "'hidden': (16,)" in capsys.readouterr().out
     assert main(["compress", "--model", "mlp", "--epochs", "1", "--out", str(out)]) == 2
     assert "nothing to compress" in capsys.readouterr().err
+
+
+def test_compress_quantizes_and_info_reads_it(tmp_path, capsys):
+    out = tmp_path / "q.pt"
+    assert main(["compress", "--model", "mlp", "--epochs", "2", "--option", "hidden=[32]", "--bits", "4",
+                 "--qat", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4-bit weights" in text and "QAT 3 epochs" in text and "packed weights" in text
+    assert main(["info", str(out)]) == 0
+    assert "weights 4-bit" in capsys.readouterr().out

@@ -175,3 +175,27 @@ def test_sensitivity_scope_derives_per_layer_amounts(tmp_path):
         assert r.layer_sparsity[name] == pytest.approx(a, abs=0.01)
     with pytest.raises(WorkbenchError, match="one-shot"):
         Recipe(**PRUNE, prune_amount=0.9, prune_scope="sensitivity", prune_schedule="gradual")
+
+
+def test_quantization_step_measures_packed_size_and_reloads(tmp_path):
+    fp32 = run(Recipe(**PRUNE), cache=tmp_path, progress=False)
+    q = run(Recipe(**PRUNE, weight_bits=4, act_bits=8, qat_epochs=1), cache=tmp_path, progress=False)
+    assert q.recipe.dense() == fp32.recipe and q.dense_accuracy == fp32.accuracy
+    assert set(q.layer_sqnr) == {"net.1", "net.3", "net.5"} and all(v > 10 for v in q.layer_sqnr.values())
+    assert q.size_quantized_bytes < fp32.size_state_dict_bytes / 4
+    assert "qat" in q.history
+    model = q.load_model()
+    ds = load("digits")
+    assert evaluate(model, ds.X_test, ds.y_test).accuracy == q.accuracy
+    assert q.onnx_top1_agreement is not None and q.onnx_top1_agreement > 0.99
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [(dict(weight_bits=17), "1..16"), (dict(weight_bits=1), "1-bit symmetric"),
+     (dict(weight_bits=8, quant_granularity="per-row"), "unknown granularity"),
+     (dict(weight_bits=8, calibration="kl"), "unknown calibration"), (dict(qat_epochs=2), "needs quantization")],
+)
+def test_bad_quantization_settings(changes, message):
+    with pytest.raises(WorkbenchError, match=message):
+        Recipe(**(PRUNE | changes))

@@ -146,7 +146,32 @@ def pruning(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[
     return rows, figures
 
 
-GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {"baseline": baseline, "pruning": pruning}
+# Chapter 4: the CNN (convolutions and Linear layers) on digits, weights and layer inputs quantized.
+QUANT_BASE = BASELINES["cnn_digits"]
+QUANT_RUNS = {
+    "ptq_int8": dict(weight_bits=8, act_bits=8),
+    "ptq_int8_per_tensor": dict(weight_bits=8, act_bits=8, quant_granularity="per-tensor"),
+    "ptq_int4": dict(weight_bits=4, act_bits=8),
+    "qat_int4": dict(weight_bits=4, act_bits=8, qat_epochs=3),
+    "qat_int2": dict(weight_bits=2, act_bits=8, qat_epochs=3),
+}
+
+
+def quant(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
+    """PTQ at 8/4 bits (per-channel and per-tensor) and QAT at 4/2 bits against the fp32 model."""
+    fp32 = run(QUANT_BASE, cache=cache, progress=progress)
+    results = {name: run(QUANT_BASE.replace(**kw), cache=cache, progress=progress) for name, kw in QUANT_RUNS.items()}
+    figures = {f"{name}_acc_drop_pp": _drop_pp(fp32, r) for name, r in results.items()}
+    figures["ptq_int8_size_ratio"] = fp32.size_state_dict_bytes / results["ptq_int8"].size_quantized_bytes
+    figures["ptq_int4_size_ratio"] = fp32.size_state_dict_bytes / results["ptq_int4"].size_quantized_bytes
+    rows = [{"name": "cnn_fp32", **fp32.summary()}]
+    rows += [{"name": f"cnn_{name}", **r.summary(), "packed_bytes": r.size_quantized_bytes,
+              "acc_drop_pp": _drop_pp(fp32, r), "layer_sqnr_db": r.layer_sqnr} for name, r in results.items()]
+    return rows, figures
+
+
+GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {
+    "baseline": baseline, "pruning": pruning, "quant": quant}
 
 
 def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None = None,

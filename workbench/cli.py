@@ -63,36 +63,63 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
+    act_bits = args.act_bits if args.act_bits is not None else (8 if args.bits else 0)
     recipe = _recipe(args, prune_amount=args.prune, prune_kind=args.prune_kind, prune_scope=args.scope,
                      prune_schedule=args.schedule, prune_steps=args.steps, prune_exclude=tuple(args.exclude),
-                     finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
+                     finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, weight_bits=args.bits,
+                     act_bits=act_bits, quant_symmetric=not args.asymmetric, quant_granularity=args.granularity,
+                     calibration=args.calibration, qat_epochs=args.qat)
     if not recipe.compressed:
-        raise WorkbenchError("nothing to compress: give a pruning amount, e.g. --prune 0.8")
+        raise WorkbenchError("nothing to compress: give a pruning amount (--prune 0.8) and/or bits (--bits 8)")
     r = _run_and_copy(recipe, args)
     from .recipe import run
 
     dense = run(recipe.dense(), data=_load_data(args.dataset, args.data_root, args.seed))
     best = min(r.sparse_bytes, key=r.sparse_bytes.get)
-    print(f"{recipe.model} on {recipe.dataset}, {recipe.prune_kind} pruning {recipe.prune_amount:.0%}"
-          f" ({recipe.prune_schedule if recipe.prune_kind == 'unstructured' else 'one-shot'},"
-          f" {recipe.finetune_epochs} fine-tune epochs{' per round' if recipe.prune_schedule == 'gradual' else ''})")
+    steps = []
+    if recipe.prune_amount:
+        steps.append(f"{recipe.prune_kind} pruning {recipe.prune_amount:.0%} "
+                     f"({recipe.prune_schedule if recipe.prune_kind == 'unstructured' else 'one-shot'}, "
+                     f"{recipe.finetune_epochs} fine-tune epochs{' per round' if recipe.prune_schedule == 'gradual' else ''})")
+    if recipe.quantized:
+        steps.append(f"{recipe.weight_bits or 32}-bit weights ({recipe.quant_granularity}, "
+                     f"{'symmetric' if recipe.quant_symmetric else 'asymmetric'}), "
+                     f"{recipe.act_bits or 32}-bit activations ({recipe.calibration} calibration), "
+                     + (f"QAT {recipe.qat_epochs} epochs" if recipe.qat_epochs else "PTQ"))
+    print(f"{recipe.model} on {recipe.dataset}: " + "; ".join(steps))
     print(f"  test accuracy  {dense.accuracy:.4f} -> {r.accuracy:.4f} ({100 * (r.accuracy - dense.accuracy):+.2f} percentage points)")
     print(f"  parameters     {dense.params:,} -> {r.params:,} ({r.nonzero_params:,} non-zero, sparsity {r.sparsity:.1%})")
     print(f"  MACs           {dense.macs:,} -> {r.macs:,}")
     print(f"  ONNX file      {dense.size_onnx_bytes / 1024:.1f} KB -> {r.size_onnx_bytes / 1024:.1f} KB"
-          f" (weights stored {best}: {r.sparse_bytes[best] / 1024:.1f} KB)")
-    print(f"  ORT batch-1    {dense.latency_ort_b1.p50_us:.0f} us -> {r.latency_ort_b1.p50_us:.0f} us (p50)")
+          + (f" (weights stored {best}: {r.sparse_bytes[best] / 1024:.1f} KB)" if r.sparsity > 0 else ""))
+    if r.size_quantized_bytes:
+        print(f"  packed weights {dense.size_state_dict_bytes / 1024:.1f} KB -> {r.size_quantized_bytes / 1024:.1f} KB"
+              f" ({dense.size_state_dict_bytes / r.size_quantized_bytes:.1f}x smaller; "
+              f"mean SQNR {sum(r.layer_sqnr.values()) / len(r.layer_sqnr):.1f} dB)")
+    print(f"  ORT batch-1    {dense.latency_ort_b1.p50_us:.0f} us -> {r.latency_ort_b1.p50_us:.0f} us (p50"
+          + (", fake-quantized float graph: real int8 speed is chapter 8" if recipe.quantized else "") + ")")
     print(f"wrote {args.out}" + (f" and {args.onnx}" if args.onnx else ""))
 
 
+def _load(path: str):
+    """The model of a checkpoint written by train/compress (quantized ones included), with its header."""
+    import torch
+
+    from .recipe import load_model
+
+    model = load_model(path)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return model, payload["spec"], payload.get("metadata", {})
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    from . import measure, models
+    from . import measure
     from .train import evaluate
 
-    model, info = models.load_checkpoint(args.checkpoint)
-    spec, meta = info["spec"], info["metadata"]
+    model, spec, meta = _load(args.checkpoint)
     recipe = meta.get("recipe", {})
-    print(f"model:        {spec['name']} {spec['options'] or ''}".rstrip())
+    quantized = f", weights {recipe['weight_bits']}-bit" if recipe.get("weight_bits") else ""
+    print(f"model:        {spec['name']} {spec['options'] or ''}{quantized}".rstrip())
     print(f"input shape:  {tuple(spec['input_shape'])}, classes: {spec['num_classes']}")
     print(f"parameters:   {measure.count_params(model):,} ({measure.count_nonzero(model):,} non-zero)")
     print(f"MACs:         {measure.macs(model, tuple(spec['input_shape'])).total:,} per example")
@@ -106,11 +133,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from . import measure, models
+    from . import measure
     from . import onnx as wonnx
 
-    model, info = models.load_checkpoint(args.checkpoint)
-    spec, recipe = info["spec"], info["metadata"].get("recipe", {})
+    model, spec, meta = _load(args.checkpoint)
+    recipe = meta.get("recipe", {})
     path = wonnx.export(model, args.out, input_shape=tuple(spec["input_shape"]))
     print(f"wrote {path} ({measure.file_bytes(path) / 1024:.1f} KB), onnx.checker passed")
     if recipe.get("dataset"):
@@ -162,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("compress", help="train (or fetch) a model, prune and fine-tune it, save the result",
+    p = sub.add_parser("compress", help="train (or fetch) a model, then prune and/or quantize it, save the result",
                        description="Compress a model of the zoo through the Recipe pipeline and compare it with "
                                    "the dense model (both cached).")
     training_flags(p)
@@ -178,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after (each round of) pruning")
     p.add_argument("--finetune-lr", type=float, default=None, help="default: --lr / 10")
     p.add_argument("--exclude", action="append", default=[], metavar="LAYER", help="layer to keep dense, repeatable")
+    p.add_argument("--bits", type=int, default=0, help="weight bits (1..16; 0 keeps float weights)")
+    p.add_argument("--act-bits", type=int, default=None, help="activation bits (default 8 with --bits, else 0)")
+    p.add_argument("--granularity", default="per-channel", choices=["per-channel", "per-tensor", "per-group"])
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric weight ranges (default symmetric)")
+    p.add_argument("--calibration", default="minmax", choices=["minmax", "moving_average", "percentile", "mse"])
+    p.add_argument("--qat", type=int, nargs="?", const=3, default=0, metavar="EPOCHS",
+                   help="quantization-aware training epochs after calibration (--qat alone: 3)")
     p.add_argument("--onnx", metavar="PATH", help="also write the compressed model's ONNX file")
     p.set_defaults(func=cmd_compress)
 

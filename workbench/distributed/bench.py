@@ -28,7 +28,7 @@ __all__ = ["EQUIVALENCE", "COMPRESSION", "COMPRESSION_HOOKS", "PIPELINE", "RING_
 # DDP vs one process: plain SGD (see ddp_equivalence), 40 steps of 2 x 32 examples.
 EQUIVALENCE = DDPConfig(epochs=2, max_steps=40, lr=0.05, momentum=0.0)
 # Compression: the same run under each hook; momentum SGD, as PowerSGD's authors train.
-COMPRESSION = DDPConfig(epochs=8, lr=0.05, momentum=0.9, powersgd_rank=2, topk_ratio=0.01)
+COMPRESSION = DDPConfig(epochs=8, lr=0.05, momentum=0.9, powersgd_rank=4, topk_ratio=0.01)
 COMPRESSION_HOOKS = ("allreduce", "fp16", "powersgd", "topk")
 PIPELINE = PipeConfig(hidden=512, depth=5, batch_size=512, micro_batches=8, repeats=5)
 RING_SIZES = (1, 7, 1000, 1_000_003)

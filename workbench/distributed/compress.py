@@ -20,7 +20,6 @@ training and records every tensor sent on DDP's process group.
 
 # No `from __future__ import annotations` here: DDP checks a hook's annotations at runtime
 # (the bucket must be annotated dist.GradBucket itself, not the string "dist.GradBucket").
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -194,7 +193,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
     n = buffer.numel()
-    k = max(1, math.ceil(state.ratio * n))
+    k = max(1, round(state.ratio * n))
     residual = state.residuals.get(bucket.index())
     if residual is None or residual.numel() != n:
         residual = torch.zeros_like(buffer)

@@ -143,7 +143,8 @@ def write_result(worker: Worker, result: dict[str, Any], json_path: str | os.Pat
     Example:
         >>> write_result(w, {"loss": 0.1}, "results.json")  # doctest: +SKIP  (writes results.rank0.json, ...)
     """
-    payload = {"rank": worker.rank, "world_size": worker.world_size, "backend": worker.backend, **result}
+    payload = {"rank": worker.rank, "world_size": worker.world_size, "backend": worker.backend,
+               "master_port": int(os.environ.get("MASTER_PORT", 0)), **result}
     folder = os.environ.get(RESULTS_ENV)
     if folder:
         _write_json(Path(folder) / f"rank{worker.rank}.json", payload)
