@@ -243,8 +243,14 @@ def _ddp_with_hook(name, group, **kw):
     ddp = DDP(model, process_group=group)
     stats = compress.CommStats(world_size=1)
     state, hook = compress.make_hook(name, group, **kw)
-    ddp.register_comm_hook(state, compress.counted(hook, stats))
-    return model, ddp, state, stats
+    buckets = []
+
+    def recording(state, bucket):  # remembers which parameters the bucket holds, in its order
+        buckets.append(bucket.parameters())
+        return hook(state, bucket)
+
+    ddp.register_comm_hook(state, compress.counted(recording, stats))
+    return model, ddp, state, stats, buckets
 
 
 def _backward(ddp, seed):
@@ -255,8 +261,9 @@ def _backward(ddp, seed):
 
 
 def test_topk_hook_applies_topk_with_error_feedback(world_of_one):
-    model, ddp, state, stats = _ddp_with_hook("topk", world_of_one, topk_ratio=0.05)
+    model, ddp, state, stats, buckets = _ddp_with_hook("topk", world_of_one, topk_ratio=0.05)
     ref = build("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(32, 16), seed=0).train()
+    twin = {id(p): q for p, q in zip(model.parameters(), ref.parameters())}
     residual = None
     with compress.count_collectives(world_of_one, stats):
         for step in range(3):
@@ -264,30 +271,32 @@ def test_topk_hook_applies_topk_with_error_feedback(world_of_one):
             ref.zero_grad(set_to_none=True)
             x, y = _backward(ddp, step)
             torch.nn.functional.cross_entropy(ref(x), y).backward()
-            # DDP's bucket holds the gradients in reverse order of registration.
-            flat = torch.cat([p.grad.flatten() for p in reversed(list(ref.parameters()))])
+            assert len(buckets) == step + 1  # one bucket: the whole model
+            order = buckets[-1]
+            flat = torch.cat([twin[id(p)].grad.flatten() for p in order])  # the bucket's layout
             residual = torch.zeros_like(flat) if residual is None else residual
             k = max(1, round(0.05 * flat.numel()))
             values, idx, residual = compress.error_feedback_step(flat, residual, k)
             expected = compress.topk_decompress(values, idx, flat.numel())
-            got = torch.cat([p.grad.flatten() for p in reversed(list(model.parameters()))])
+            got = torch.cat([p.grad.flatten() for p in order])
             assert torch.allclose(got, expected, atol=1e-7)
+            assert int((got != 0).sum()) == k
             assert torch.allclose(state.residuals[0], residual, atol=1e-7)
             with torch.no_grad():  # keep the two models equal for the next step
-                for p, q in zip(model.parameters(), ref.parameters()):
-                    q.copy_(p)
+                for p in model.parameters():
+                    twin[id(p)].copy_(p)
     # Per step: k float32 values and k int32 indices.
     assert stats.payload_bytes == 3 * 2 * 4 * k and stats.per_op == {"all_gather": 3 * 8 * k}
 
 
 def test_fp16_and_powersgd_bytes_match_their_formulas(world_of_one):
-    _, ddp, _, fp16 = _ddp_with_hook("fp16", world_of_one)
+    _, ddp, _, fp16, _ = _ddp_with_hook("fp16", world_of_one)
     with compress.count_collectives(world_of_one, fp16):
         _backward(ddp, 0)
     assert fp16.bucket_bytes == 4 * sum(p.numel() for p in ddp.parameters())
     assert fp16.payload_bytes * 2 == fp16.bucket_bytes  # half precision: exactly half the bytes
 
-    model, ddp, state, psgd = _ddp_with_hook("powersgd", world_of_one, powersgd_rank=2, powersgd_start_iter=2)
+    model, ddp, _, psgd, _ = _ddp_with_hook("powersgd", world_of_one, powersgd_rank=2, powersgd_start_iter=2)
     with compress.count_collectives(world_of_one, psgd):
         for step in range(2):  # warm-up: plain all-reduce of the whole bucket
             _backward(ddp, step)
