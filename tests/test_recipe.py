@@ -199,3 +199,17 @@ def test_quantization_step_measures_packed_size_and_reloads(tmp_path):
 def test_bad_quantization_settings(changes, message):
     with pytest.raises(WorkbenchError, match=message):
         Recipe(**(PRUNE | changes))
+
+
+def test_deep_compression_step_reports_the_encoded_size(tmp_path):
+    r = run(Recipe(**PRUNE, prune_amount=0.8, finetune_epochs=1, share_bits=3, share_epochs=1), cache=tmp_path,
+            progress=False)
+    assert r.size_encoded_bytes == r.history["deep_compression"]["bytes"]
+    assert r.size_encoded_bytes < r.sparse_bytes["relative"] < r.sparse_bytes["dense"]
+    model = r.load_model()
+    for layer in (model.net[1], model.net[3]):
+        assert len(torch.unique(layer.weight[layer.weight != 0])) <= 2 ** 3
+    with pytest.raises(WorkbenchError, match="not both"):
+        Recipe(**PRUNE, share_bits=4, weight_bits=8)
+    with pytest.raises(WorkbenchError, match="set share_bits"):
+        Recipe(**PRUNE, share_epochs=2)

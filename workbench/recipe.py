@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as _data
-from . import distill, measure, models, prune, quant
+from . import cluster, distill, measure, models, prune, quant
 from . import onnx as _onnx
 from .errors import WorkbenchError
 from .measure import LatencyStats
@@ -37,12 +37,13 @@ from .train import OPTIMIZERS, evaluate, fit, show_progress
 __all__ = ["Recipe", "Result", "run", "sweep", "load_model", "cache_dir", "RESULT_VERSION"]
 
 # Bump when Result's fields or the meaning of a measurement change: old cache entries then miss.
-RESULT_VERSION = 4
+RESULT_VERSION = 5
 PRUNE_KINDS = ("unstructured", "structured")
 SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 COMPRESSION_FIELDS = ("prune_amount", "prune_kind", "prune_scope", "prune_schedule", "prune_steps",
                       "prune_exclude", "finetune_epochs", "finetune_lr", "weight_bits", "act_bits",
-                      "quant_symmetric", "quant_granularity", "calibration", "qat_epochs")
+                      "quant_symmetric", "quant_granularity", "calibration", "qat_epochs", "share_bits",
+                      "share_bits_conv", "share_epochs")
 CALIBRATION_IMAGES = 512
 
 
@@ -107,6 +108,11 @@ class Recipe:
     quant_granularity: str = "per-channel"
     calibration: str = "minmax"
     qat_epochs: int = 0
+    # Deep Compression (chapter 6): k-means weight sharing, 2**share_bits shared values per Linear
+    # layer (2**share_bits_conv per Conv2d), share_epochs of centroid fine-tuning, Huffman coding.
+    share_bits: int = 0
+    share_bits_conv: int = 8
+    share_epochs: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_options", _freeze(dict(self.model_options)))
@@ -118,7 +124,7 @@ class Recipe:
         if self.dataset.lower().replace("_", "-") not in _data.DATASETS:
             raise WorkbenchError(f"unknown dataset {self.dataset!r}; known datasets: {', '.join(_data.DATASETS)}")
         for name in ("epochs", "batch_size", "seed", "threads", "latency_repeats", "prune_steps", "finetune_epochs",
-                     "weight_bits", "act_bits", "qat_epochs"):
+                     "weight_bits", "act_bits", "qat_epochs", "share_bits", "share_bits_conv", "share_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise WorkbenchError(f"Recipe.{name} must be an integer, got {value!r}")
@@ -132,6 +138,13 @@ class Recipe:
             raise WorkbenchError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         self._validate_pruning()
         self._validate_distillation()
+        if self.share_bits and self.quantized:
+            raise WorkbenchError("choose one way to store weights in fewer bits: weight sharing (share_bits) or "
+                                 "affine quantization (weight_bits/act_bits), not both")
+        if self.share_bits and not (1 <= self.share_bits <= 16 and 1 <= self.share_bits_conv <= 16):
+            raise WorkbenchError("Recipe.share_bits and share_bits_conv must be in 1..16 (0 turns sharing off)")
+        if self.share_epochs and not self.share_bits:
+            raise WorkbenchError("Recipe.share_epochs fine-tunes shared weights: set share_bits too")
         if self.quantized:
             self.quant_config()  # validates bits, granularity, calibration
         elif self.qat_epochs:
@@ -182,7 +195,7 @@ class Recipe:
     @property
     def compressed(self) -> bool:
         """Whether any compression step is on (else this is a plain training run)."""
-        return self.prune_amount > 0 or self.quantized
+        return self.prune_amount > 0 or self.quantized or self.share_bits > 0
 
     def dense(self) -> "Recipe":
         """The same recipe with every compression step off: the baseline it is compared with."""
@@ -239,6 +252,7 @@ class Result:
     teacher_accuracy: float | None
     size_quantized_bytes: int | None
     layer_sqnr: dict[str, float]
+    size_encoded_bytes: int | None
     history: dict[str, Any]
     train_seconds: float
     checkpoint_path: str
@@ -343,6 +357,15 @@ def _compress(recipe: Recipe, net: nn.Module, ds: _data.Dataset, progress: bool 
     history: dict[str, Any] = {}
     if recipe.prune_amount > 0:
         net, history = _prune(recipe, net, ds, tune)
+    if recipe.share_bits:
+        books = cluster.share_weights(net, bits=cluster.layer_bits(net, conv=recipe.share_bits_conv,
+                                                                   fc=recipe.share_bits), seed=recipe.seed)
+        if recipe.share_epochs:
+            tuned = cluster.finetune_centroids(net, books, ds, epochs=recipe.share_epochs, lr=tune["lr"],
+                                               batch_size=recipe.batch_size, seed=recipe.seed, progress=progress)
+            history["share_finetune"] = tuned.to_dict() if tuned else {}
+        encoded = cluster.encode(net, books)
+        history["deep_compression"] = {"bytes": encoded.nbytes(), "layers": encoded.breakdown()}
     if recipe.quantized:
         qnet = quant.quantize_model(net, recipe.quant_config(), ds.X_train[:CALIBRATION_IMAGES])
         if recipe.qat_epochs:
@@ -418,6 +441,7 @@ def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key
         latency_ort_b1=ort_lat, sparsity=prune.sparsity(plain), layer_sparsity=prune.layer_sparsity(plain),
         size_quantized_bytes=quant.packed_bytes(net) if quantized else None,
         layer_sqnr=quant.layer_sqnr(net) if quantized else {},
+        size_encoded_bytes=history.get("deep_compression", {}).get("bytes") if isinstance(history, dict) else None,
         sparse_bytes={"dense": sizes.dense, "csr": sizes.csr, "bitmask": sizes.bitmask,
                       "relative": sizes.relative} if sizes else {},
         dense_accuracy=dense_accuracy, teacher_accuracy=teacher_accuracy, history=history,
