@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import data, measure, models, onnx, plots, recipe, train  # noqa: E402
+from . import cluster, data, distill, measure, models, onnx, plots, prune, quant, recipe, train  # noqa: E402
 from .data import Dataset, load  # noqa: E402
 from .errors import WorkbenchError  # noqa: E402
 from .models import build  # noqa: E402
@@ -16,11 +16,15 @@ from .train import evaluate, fit  # noqa: E402
 
 __all__ = [
     "__version__",
+    "cluster",
     "data",
+    "distill",
     "measure",
     "models",
     "onnx",
     "plots",
+    "prune",
+    "quant",
     "recipe",
     "train",
     "Dataset",

@@ -32,13 +32,14 @@ from .prune import PRUNABLE, prunable_layers
 from .train import History, fit
 
 __all__ = [
-    "INITS", "Codebook", "kmeans_1d", "layer_bits", "share_weights", "centroid_grad", "tied",
-    "finetune_centroids", "huffman_code_lengths", "canonical_codes", "relative_entries",
+    "INITS", "Codebook", "init_centroids", "kmeans_1d", "layer_bits", "share_weights", "centroid_grad", "tied",
+    "finetune_centroids", "huffman_code_lengths", "canonical_codes", "encode_symbols", "decode_symbols",
+    "relative_entries",
     "Encoded", "encode", "decode", "compression_ratio",
 ]
 
 INITS = ("linear", "density", "random")
-LLOYD_ITERS = 100
+LLOYD_ITERS = 300
 HEADER_BYTES = 4  # per layer: the number of (index, gap) entries as a uint32, so the decoder knows where to stop
 
 
@@ -96,6 +97,28 @@ def _far_points(x: np.ndarray, residual: np.ndarray, n: int, *, exclude: np.ndar
     return np.array(picks)
 
 
+def init_centroids(x: np.ndarray | torch.Tensor, k: int, *, init: str = "linear", seed: int = 0) -> np.ndarray:
+    """The k starting centroids of :func:`kmeans_1d`, sorted ascending (float64).
+
+    "linear": evenly spaced between min(x) and max(x); "density": the quantiles of x at evenly
+    spaced probabilities (dense regions get more centroids); "random" (Forgy): k distinct points
+    of x drawn with `seed`.
+    """
+    x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64).reshape(-1)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise WorkbenchError(f"k-means needs a positive integer number of clusters, got {k!r}")
+    if k > len(x):
+        raise WorkbenchError(f"k-means with {k} clusters needs at least {k} values, got {len(x)}: "
+                             "use fewer bits for this layer (or prune it less)")
+    if init == "linear":
+        return np.linspace(x.min(), x.max(), k)
+    if init == "density":
+        return np.quantile(x, np.linspace(0.0, 1.0, k))
+    if init == "random":
+        return np.sort(x[np.random.default_rng(seed).choice(len(x), size=k, replace=False)])
+    raise WorkbenchError(f"unknown k-means init {init!r}; expected one of {', '.join(INITS)}")
+
+
 def kmeans_1d(x: np.ndarray | torch.Tensor, k: int, *, init: str = "linear", iters: int = LLOYD_ITERS,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means on scalars: minimize ``sum_i (x_i - c_{a(i)})**2`` over centroids c and assignments a.
@@ -110,9 +133,8 @@ def kmeans_1d(x: np.ndarray | torch.Tensor, k: int, *, init: str = "linear", ite
     Args:
         x: the values (any shape; flattened, computed in float64).
         k: number of clusters, at most ``len(x)``.
-        init: "linear" (evenly spaced between min and max: the paper's choice, because it keeps the
-            few large weights, which matter most, represented), "density" (quantiles of x) or
-            "random" (Forgy: k distinct points drawn with `seed`).
+        init: "linear" (the paper's choice: it keeps the few large weights, which matter most,
+            represented), "density" or "random"; see :func:`init_centroids`.
         iters: maximum number of Lloyd iterations.
         seed: for ``init="random"``.
 
@@ -124,19 +146,7 @@ def kmeans_1d(x: np.ndarray | torch.Tensor, k: int, *, init: str = "linear", ite
         array([0.05, 1.05])
     """
     x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64).reshape(-1)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise WorkbenchError(f"k-means needs a positive integer number of clusters, got {k!r}")
-    if k > len(x):
-        raise WorkbenchError(f"k-means with {k} clusters needs at least {k} values, got {len(x)}: "
-                             "use fewer bits for this layer (or prune it less)")
-    if init == "linear":
-        c = np.linspace(x.min(), x.max(), k)
-    elif init == "density":
-        c = np.quantile(x, np.linspace(0.0, 1.0, k))
-    elif init == "random":
-        c = np.sort(x[np.random.default_rng(seed).choice(len(x), size=k, replace=False)])
-    else:
-        raise WorkbenchError(f"unknown k-means init {init!r}; expected one of {', '.join(INITS)}")
+    c = init_centroids(x, k, init=init, seed=seed)
     labels = _assign(x, c)
     for _ in range(int(iters)):
         counts = np.bincount(labels, minlength=k)
@@ -278,16 +288,16 @@ def tied(model: nn.Module, codebooks: Mapping[str, Codebook]) -> Iterator[dict[s
         ...     loss(model(x)).backward()   # centroids["fc1"].grad == centroid_grad(...)
     """
     layers = _check_codebooks(model, codebooks)
-    params = {}
-    for name, layer in layers.items():
-        parametrize.register_parametrization(layer, "weight", _Tied(codebooks[name]))
-        params[name] = layer.parametrizations.weight[0].centroids
+    params: dict[str, nn.Parameter] = {}
     try:
+        for name, layer in layers.items():
+            parametrize.register_parametrization(layer, "weight", _Tied(codebooks[name]))
+            params[name] = layer.parametrizations.weight[0].centroids
         yield params
     finally:
-        for name, layer in layers.items():
+        for name in params:  # only the layers tied so far, should one of them have failed
             codebooks[name].centroids = params[name].detach().clone()
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+            parametrize.remove_parametrizations(layers[name], "weight", leave_parametrized=True)
 
 
 def finetune_centroids(model: nn.Module, codebooks: Mapping[str, Codebook], data: Dataset, *, epochs: int,
@@ -372,8 +382,20 @@ def canonical_codes(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     return codes
 
 
-def _pack(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
-    """The canonical codes of `symbols`, MSB first, packed into bytes (zero-padded); and the bit count."""
+def encode_symbols(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
+    """Write each symbol's canonical code (for code `lengths`), most significant bit first, into bytes.
+
+    Returns:
+        ``(stream, nbits)``: the bytes (the last one zero-padded) and the number of bits used.
+
+    Example:
+        >>> encode_symbols(np.array([0, 3, 1]), np.array([1, 3, 3, 2]))   # 0 10 110 -> 01011000
+        (b'X', 6)
+    """
+    symbols = np.asarray(symbols, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(symbols) and (symbols.min() < 0 or symbols.max() >= len(lengths) or (lengths[symbols] == 0).any()):
+        raise WorkbenchError("every symbol to encode needs a code (a length > 0 in the table)")
     codes, ls = canonical_codes(lengths)[symbols], lengths[symbols]
     if len(symbols) == 0:
         return b"", 0
@@ -385,8 +407,14 @@ def _pack(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
     return np.packbits(bits).tobytes(), len(bits)
 
 
-def _unpack(stream: bytes, nbits: int, lengths: np.ndarray, count: int) -> np.ndarray:
-    """Decode `count` symbols from a canonical-code bit stream (the inverse of :func:`_pack`)."""
+def decode_symbols(stream: bytes, nbits: int, lengths: np.ndarray, count: int) -> np.ndarray:
+    """Read `count` symbols back from a stream written by :func:`encode_symbols` with the same lengths.
+
+    Every bit position is looked at once, vectorized: the `width` bits starting there, read as an
+    integer, fall into the left-aligned range of exactly one canonical code (codes increase with
+    (length, symbol)). Then a short walk hops from each code's start to the next.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.array(sorted(np.flatnonzero(lengths > 0), key=lambda s: (lengths[s], s)), dtype=np.int64)
@@ -409,6 +437,8 @@ def _unpack(stream: bytes, nbits: int, lengths: np.ndarray, count: int) -> np.nd
             raise WorkbenchError("the bit stream ended before all its symbols were decoded: it is damaged")
         starts.append(pos)
         pos += step[pos]
+    if pos != nbits:
+        raise WorkbenchError(f"decoded {count} symbols in {pos} bits but the stream holds {nbits}: it is damaged")
     return order[rank[starts]]
 
 
@@ -500,6 +530,11 @@ def _fixed_lengths(alphabet_used: int) -> np.ndarray:
     return np.full(2 ** width, width, dtype=np.int64)
 
 
+def _key(layer: str, tensor: str) -> str:
+    """The state-dict key of a layer's tensor (a model that is itself one layer has no prefix)."""
+    return f"{layer}.{tensor}" if layer else tensor
+
+
 def encode(model: nn.Module, codebooks: Mapping[str, Codebook], *, relative_index_bits: int = 5,
            huffman: bool = True) -> Encoded:
     """Encode the shared weights: per layer, relative positions and cluster indices as real bit streams.
@@ -544,8 +579,8 @@ def encode(model: nn.Module, codebooks: Mapping[str, Codebook], *, relative_inde
         else:
             idx_len = _fixed_lengths(k + 1 if (~real).any() else k)
             gap_len = _fixed_lengths(2 ** relative_index_bits)
-        index_stream, index_bits = _pack(symbols, idx_len)
-        gap_stream, gap_bits = _pack(gaps, gap_len)
+        index_stream, index_bits = encode_symbols(symbols, idx_len)
+        gap_stream, gap_bits = encode_symbols(gaps, gap_len)
         bias = getattr(layer, "bias", None)
         out[name] = {
             "shape": tuple(book.indices.shape), "bits": book.bits, "centroids": book.centroids.numpy().copy(),
@@ -555,7 +590,7 @@ def encode(model: nn.Module, codebooks: Mapping[str, Codebook], *, relative_inde
             "gap_stream": gap_stream, "gap_bits": gap_bits,
             "bias": bias.detach().numpy().copy() if bias is not None else None,
         }
-    coded = {f"{n}.weight" for n in out} | {f"{n}.bias" for n, e in out.items() if e["bias"] is not None}
+    coded = {_key(n, "weight") for n in out} | {_key(n, "bias") for n, e in out.items() if e["bias"] is not None}
     dense = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if k not in coded}
     return Encoded(layers=out, relative_index_bits=relative_index_bits, huffman=huffman, dense=dense)
 
@@ -571,15 +606,15 @@ def decode(encoded: Encoded) -> dict[str, torch.Tensor]:
         k = len(e["centroids"])
         idx_len = _lengths(e["index_table"], encoded.huffman)
         gap_len = _lengths(e["gap_table"], encoded.huffman)
-        symbols = _unpack(e["index_stream"], e["index_bits"], idx_len, e["entries"])
-        gaps = _unpack(e["gap_stream"], e["gap_bits"], gap_len, e["entries"])
+        symbols = decode_symbols(e["index_stream"], e["index_bits"], idx_len, e["entries"])
+        gaps = decode_symbols(e["gap_stream"], e["gap_bits"], gap_len, e["entries"])
         positions = np.cumsum(gaps)
         real = symbols < k
         flat = np.zeros(int(np.prod(e["shape"])), dtype=np.float32)
         flat[positions[real]] = e["centroids"][symbols[real]]
-        state[f"{name}.weight"] = torch.from_numpy(flat.reshape(e["shape"]))
+        state[_key(name, "weight")] = torch.from_numpy(flat.reshape(e["shape"]))
         if e["bias"] is not None:
-            state[f"{name}.bias"] = torch.from_numpy(e["bias"].copy())
+            state[_key(name, "bias")] = torch.from_numpy(e["bias"].copy())
     state.update({k: torch.from_numpy(v.copy()) for k, v in encoded.dense.items()})
     return state
 
