@@ -213,15 +213,8 @@ def quant(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[li
     return rows, figures
 
 
-def distributed(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
-    """Chapter 9: DDP and pipeline equivalence, ring all-reduce, gradient compression (torchrun, 2 ranks)."""
-    from .distributed.bench import distributed_figures
-
-    return distributed_figures(cache=cache, progress=progress)
-
-
 GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {
-    "baseline": baseline, "pruning": pruning, "quant": quant, "distributed": distributed}
+    "baseline": baseline, "pruning": pruning, "quant": quant}
 
 
 def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None = None,
