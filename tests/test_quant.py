@@ -175,3 +175,14 @@ def test_integer_only_reference_matches_fake_quant(trained_cnn, granularity):
         diff = (codes - expected).abs()
         assert diff.max() <= 1, name  # at most one step, where float rounding of the multiplier differs
         assert (diff == 0).float().mean() > 0.99, name
+
+
+def test_activation_calibration_uses_the_asymmetric_grid_it_is_quantized_with(trained_cnn):
+    model, data = trained_cnn
+    X = data.X_train[:256]
+    q = quant.quantize_model(model, quant.QuantConfig(weight_bits=8, act_bits=4, symmetric=True, calibration="mse"), X)
+    acts = quant.collect_inputs(model, X)
+    for name, layer in q.named_modules():
+        if isinstance(layer, quant.FakeQuantLayer):
+            expected = quant.calibrate_range(acts[name], method="mse", bits=4, symmetric=False)
+            assert tuple(layer.act_range.tolist()) == pytest.approx(expected), name

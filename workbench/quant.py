@@ -330,8 +330,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration_X: torch.T
     ranges = {}
     if config.act_bits and calibration_X is not None:  # None: ranges come from a state dict later
         for name, acts in collect_inputs(qmodel, calibration_X).items():
-            ranges[name] = calibrate_range(acts, method=config.calibration, bits=config.act_bits,
-                                           symmetric=config.symmetric)
+            # Activations are quantized with an asymmetric range (see act_qparams), so the MSE
+            # search must score candidate ranges on that same grid.
+            ranges[name] = calibrate_range(acts, method=config.calibration, bits=config.act_bits, symmetric=False)
     names = [n for n, m in qmodel.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not names:
         raise WorkbenchError(f"{type(model).__name__} has no Linear or Conv2d layer to quantize")
