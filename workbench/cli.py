@@ -109,7 +109,9 @@ def _load(path: str):
 
     model = load_model(path)
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    return model, payload["spec"], payload.get("metadata", {})
+    spec = dict(payload["spec"])
+    spec["options"] = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("options", {}).items()}
+    return model, spec, payload.get("metadata", {})
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -306,9 +306,14 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     try:
         return models.load_checkpoint(path)[0]
     except WorkbenchError:
-        payload = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
-        recipe = (payload or {}).get("metadata", {}).get("recipe") if isinstance(payload, dict) else None
-        if not recipe or not (recipe.get("weight_bits") or recipe.get("act_bits")):
+        # A quantized checkpoint is a valid torch file whose weights sit inside FakeQuantLayers;
+        # anything else keeps the original, clear error.
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            payload = None
+        recipe = payload.get("metadata", {}).get("recipe") if isinstance(payload, dict) else None
+        if not isinstance(recipe, dict) or not (recipe.get("weight_bits") or recipe.get("act_bits")):
             raise
     spec = payload["spec"]
     options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.get("options", {}).items()}
