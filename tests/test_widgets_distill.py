@@ -115,6 +115,8 @@ def test_a_refused_run_shows_the_error(explorer, monkeypatch):
         (dict(student="mlp", teacher=TEACHER), "needs a workbench Recipe as student"),
         (dict(student=STUDENT, teacher=TEACHER.replace(dataset="digits28")), "needs the same data"),
         (dict(student=STUDENT, teacher=TEACHER, temperatures=(0, 4)), "temperatures must be numbers > 0"),
+        (dict(student=STUDENT, teacher=TEACHER, temperatures=("hot",)), "temperatures must be numbers > 0"),
+        (dict(student=STUDENT, teacher=TEACHER, temperatures=()), "temperatures must be numbers > 0"),
         (dict(student=STUDENT, teacher=TEACHER, example=10_000), "index into the 360 test images"),
     ],
 )

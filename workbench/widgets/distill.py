@@ -1,4 +1,4 @@
-"""The distillation explorer (chapter 5): temperature and alpha -> the distilled student's accuracy, the soft targets."""
+"""The distillation explorer (chapter 5): temperature and alpha -> distilled accuracy, soft targets."""
 
 from __future__ import annotations
 
@@ -73,11 +73,16 @@ class DistillationExplorer:
         if teacher.dataset != student.dataset:
             raise WorkbenchError(f"the teacher is trained on {teacher.dataset!r} but the student on "
                                  f"{student.dataset!r}; distillation needs the same data")
-        temps = tuple(sorted({float(t) for t in temperatures}))
-        if not temps or any(not t > 0 for t in temps):
-            raise WorkbenchError(f"temperatures must be numbers > 0, got {tuple(temperatures)!r}")
+        temperatures = tuple(temperatures)
+        try:
+            temps = tuple(sorted({float(t) for t in temperatures}))
+        except (TypeError, ValueError):
+            temps = ()
+        if not temps or any(not 0 < t < float("inf") for t in temps):
+            raise WorkbenchError(f"temperatures must be numbers > 0, got {temperatures!r}")
         self.student = student
         self.teacher = teacher
+        self._temps = temps
         self.cache = cache
         self.results: dict[Recipe, Result] = {}
         self.last_seconds = 0.0
@@ -117,7 +122,7 @@ class DistillationExplorer:
                                line=dict(dash="dot", color="gray"), hoverinfo="skip")
         self.curve.add_scatter(x=[], y=[], mode="markers", name="current",
                                marker=dict(size=16, symbol="star", color="crimson"))
-        self.curve.update_layout(title="Distilled student: test accuracy vs temperature", height=360, width=540,
+        self.curve.update_layout(title="Distilled student: test accuracy vs temperature", height=360, width=470,
                                  margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation="h", y=-0.3),
                                  xaxis=dict(title="temperature T", type="log", tickvals=list(temps)),
                                  yaxis=dict(title="test accuracy", tickformat=".1%"))
@@ -126,15 +131,16 @@ class DistillationExplorer:
                           hovertemplate="class %{x}: %{y:.4f}<extra>T = 1</extra>")
         self.soft.add_bar(x=self._classes, y=[], name="T", marker_color="royalblue",
                           hovertemplate="class %{x}: %{y:.4f}<extra></extra>")
-        self.soft.update_layout(height=360, width=440, barmode="group", margin=dict(l=60, r=20, t=50, b=50),
+        self.soft.update_layout(height=360, width=380, barmode="group", margin=dict(l=60, r=20, t=50, b=50),
                                 legend=dict(orientation="h", y=-0.3),
                                 xaxis=dict(title="class", type="category"),
                                 yaxis=dict(title="teacher's probability", range=[0, 1]))
         img = ds.X_test[example]
         self.image = go.Figure(go.Heatmap(z=img[0].flip(0).tolist(), colorscale="Greys", showscale=False,
                                           hoverinfo="skip"))
-        self.image.update_layout(title=f"test image #{example}, label {self._classes[self._label]}",
-                                 height=220, width=220, margin=dict(l=10, r=10, t=40, b=10),
+        self.image.update_layout(title=dict(text=f"test image #{example}, label {self._classes[self._label]}",
+                                            font=dict(size=12)),
+                                 height=200, width=180, margin=dict(l=10, r=10, t=40, b=10),
                                  xaxis=dict(visible=False), yaxis=dict(visible=False, scaleanchor="x"))
 
         # Plain go.Figure objects drawn into Output widgets (not FigureWidget: see PruningExplorer).
@@ -220,8 +226,7 @@ class DistillationExplorer:
         Example:
             >>> ex.precompute((2, 4, 8), alphas=[0.5, 0.9])
         """
-        temps = tuple(self.temperature.options[i][1] for i in range(len(self.temperature.options))) \
-            if temperatures is None else tuple(float(t) for t in temperatures)
+        temps = self._temps if temperatures is None else tuple(float(t) for t in temperatures)
         alphas = [self.alpha.value] if alphas is None else (
             [alphas] if isinstance(alphas, (int, float)) else list(alphas))
         recipes = [self._recipe_for(t, a) for a, t in itertools.product(alphas, temps)]
