@@ -12,14 +12,12 @@ import ipywidgets
 import plotly.graph_objects as go
 import torch
 
-from IPython import get_ipython
-
 from .. import data as _data
-from .. import plots
 from ..distill import soft_targets
 from ..errors import WorkbenchError
 from ..recipe import Recipe, Result, run, sweep
 from ..train import predict
+from ._render import render
 
 __all__ = ["DistillationExplorer"]
 
@@ -204,13 +202,7 @@ class DistillationExplorer:
         return result
 
     def _render(self) -> None:
-        """Show the current figures in their Output widgets (only inside an IPython kernel)."""
-        if get_ipython() is None:  # plain Python (tests, scripts): the figures are updated, not shown
-            return
-        for name, out in self._outputs.items():
-            out.clear_output(wait=True)
-            with out:
-                plots.show(getattr(self, name))
+        render(self._outputs, self)
 
     def precompute(self, temperatures: Iterable[float] | None = None,
                    alphas: float | Iterable[float] | None = None) -> list[Result]:

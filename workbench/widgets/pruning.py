@@ -13,11 +13,10 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from IPython import get_ipython
-
-from .. import plots, prune
+from .. import prune
 from ..errors import WorkbenchError
 from ..recipe import Recipe, Result, run, sweep
+from ._render import render
 
 __all__ = ["PruningExplorer"]
 
@@ -202,13 +201,7 @@ class PruningExplorer:
         return result
 
     def _render(self) -> None:
-        """Show the current figures in their Output widgets (only inside an IPython kernel)."""
-        if get_ipython() is None:  # plain Python (tests, scripts): the figures are updated, not shown
-            return
-        for name, out in self._outputs.items():
-            out.clear_output(wait=True)
-            with out:
-                plots.show(getattr(self, name))
+        render(self._outputs, self)
 
     def precompute(self, amounts: Iterable[float] = (0.0, 0.5, 0.8, 0.9, 0.95), **settings: Any) -> list[Result]:
         """Fill the cache with a :func:`workbench.recipe.sweep` so the sliders answer at once.

@@ -15,11 +15,10 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from IPython import get_ipython
-
-from .. import plots, quant
+from .. import quant
 from ..errors import WorkbenchError
 from ..recipe import COMPRESSION_FIELDS, Recipe, Result, run, sweep
+from ._render import render
 
 __all__ = ["QuantizationExplorer"]
 
@@ -263,13 +262,7 @@ class QuantizationExplorer:
         return result
 
     def _render(self) -> None:
-        """Show the current figures in their Output widgets (only inside an IPython kernel)."""
-        if get_ipython() is None:  # plain Python (tests, scripts): the figures are updated, not shown
-            return
-        for name, out in self._outputs.items():
-            out.clear_output(wait=True)
-            with out:
-                plots.show(getattr(self, name))
+        render(self._outputs, self)
 
     def precompute(self, bits: Iterable[int] = (2, 4, 8), **settings: Any) -> list[Result]:
         """Fill the cache with a :func:`workbench.recipe.sweep` so the controls answer at once.
