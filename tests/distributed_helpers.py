@@ -1,0 +1,41 @@
+"""A torchrun entry point that misbehaves on request, to test the launcher's failure handling.
+
+    python -m distributed_helpers --mode raise --rank 1   (run by launch() with tests/ on PYTHONPATH)
+
+Modes: ``ok`` (one all-reduce, report the port), ``raise`` (rank `--rank` raises after a few
+steps), ``hang`` (rank `--rank` stops taking part, so its peers wait in a collective until its
+timeout), ``sleep`` (every rank sleeps: only the launcher's own timeout ends it).
+"""
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from workbench.distributed import worker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=("ok", "raise", "hang", "sleep"), default="ok")
+    parser.add_argument("--rank", type=int, default=1)
+    args = parser.parse_args()
+    w = worker.init(what="distributed_helpers")
+    t = torch.ones(4)
+    for step in range(5):
+        if w.rank == args.rank and step == 2:
+            if args.mode == "raise":
+                raise RuntimeError(f"injected failure on rank {w.rank} at step {step}")
+            if args.mode == "hang":
+                time.sleep(3600)
+        if args.mode == "sleep":
+            time.sleep(3600)
+        dist.all_reduce(t)
+        worker.log(w, f"step {step}")
+    worker.write_result(w, {"sum": t.tolist(), "pid": os.getpid()})
+
+
+if __name__ == "__main__":
+    worker.run_main(main)
