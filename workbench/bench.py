@@ -21,7 +21,7 @@ from .errors import WorkbenchError
 from .data import load
 from .recipe import Recipe, Result, run, sweep
 
-__all__ = ["BASELINES", "GROUPS", "machine_info", "cpu_flags", "run_bench", "write_json"]
+__all__ = ["BASELINES", "GROUPS", "KD_SEEDS", "KD_STUDENT", "KD_TEACHER", "distillation_runs", "machine_info", "cpu_flags", "run_bench", "write_json"]
 
 # The five baselines of chapter 2 (name -> recipe). The notebook trains exactly these, so the
 # book, the bench and the cache agree. Settings were chosen by validation accuracy.
@@ -196,8 +196,50 @@ def _deep_compression(*, cache: str | os.PathLike | None,
     return rows, figures
 
 
+# Chapter 5. Hinton et al. (2015) distillation: the chapter-4 CNN teaches an MLP with one hidden
+# layer of 128 (18% of the teacher's parameters), at T=4 and alpha=0.5 (half soft, half hard loss).
+# The student trained alone uses the same recipe without a teacher; each seed draws its own split
+# and initialisation, so gain and gap are averaged over three seeds.
+KD_TEACHER = Recipe(model="cnn", dataset="digits", epochs=10, export_onnx=False)
+KD_STUDENT = Recipe(model="mlp", dataset="digits", model_options={"hidden": [128]}, epochs=100, lr=2e-3,
+                    batch_size=128, export_onnx=False, kd_temperature=4.0, kd_alpha=0.5)
+KD_SEEDS = (0, 1, 2)
+
+
+def distillation_runs(seed: int, *, cache: str | os.PathLike | None = None,
+                      progress: bool | None = None) -> dict[str, Result]:
+    """Teacher, student alone and distilled student for one seed (all three cached)."""
+    teacher = KD_TEACHER.replace(seed=seed)
+    student = KD_STUDENT.replace(seed=seed)
+    return {"teacher": run(teacher, cache=cache, progress=progress),
+            "alone": run(student, cache=cache, progress=progress),
+            "distilled": run(student.replace(teacher=teacher), cache=cache, progress=progress)}
+
+
+def _distillation(*, cache: str | os.PathLike | None,
+                  progress: bool | None) -> tuple[list[dict], dict[str, float]]:
+    """Distilled student minus the same student trained alone, and the share of the teacher gap closed.
+
+    ``kd_gap_closed`` = (distilled - alone) / (teacher - alone), each a mean over KD_SEEDS.
+    """
+    per_seed = {seed: distillation_runs(seed, cache=cache, progress=progress) for seed in KD_SEEDS}
+    mean = {k: statistics.fmean(runs[k].accuracy for runs in per_seed.values())
+            for k in ("teacher", "alone", "distilled")}
+    gap = mean["teacher"] - mean["alone"]
+    figures = {
+        "kd_teacher_acc": mean["teacher"], "kd_student_alone_acc": mean["alone"],
+        "kd_student_distilled_acc": mean["distilled"],
+        "kd_gain_pp": 100.0 * (mean["distilled"] - mean["alone"]),
+        "kd_gap_closed": (mean["distilled"] - mean["alone"]) / gap if gap > 0 else float("nan"),
+        "kd_param_ratio": per_seed[KD_SEEDS[0]]["alone"].params / per_seed[KD_SEEDS[0]]["teacher"].params,
+    }
+    rows = [{"name": f"kd_{kind}_seed{seed}", **r.summary()}
+            for seed, runs in per_seed.items() for kind, r in runs.items()]
+    return rows, figures
+
+
 def quant(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
-    """Chapters 4-6: PTQ at 8/4 bits (per-channel, per-tensor), QAT at 4/2 bits, Deep Compression."""
+    """Chapters 4-6: PTQ at 8/4 bits (per-channel, per-tensor), QAT at 4/2 bits, distillation, Deep Compression."""
     fp32 = run(QUANT_BASE, cache=cache, progress=progress)
     results = {name: run(QUANT_BASE.replace(**kw), cache=cache, progress=progress) for name, kw in QUANT_RUNS.items()}
     figures = {f"{name}_acc_drop_pp": _drop_pp(fp32, r) for name, r in results.items()}
@@ -206,15 +248,22 @@ def quant(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[li
     rows = [{"name": "cnn_fp32", **fp32.summary()}]
     rows += [{"name": f"cnn_{name}", **r.summary(), "packed_bytes": r.size_quantized_bytes,
               "acc_drop_pp": _drop_pp(fp32, r), "layer_sqnr_db": r.layer_sqnr} for name, r in results.items()]
-    for part in (_deep_compression,):
+    for part in (_distillation, _deep_compression):
         more_rows, more_figures = part(cache=cache, progress=progress)
         rows += more_rows
         figures.update(more_figures)
     return rows, figures
 
 
+def distributed(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
+    """Chapter 9: DDP and pipeline equivalence, bubble, ring all-reduce bytes, PowerSGD (torchrun jobs)."""
+    from .distributed.bench import distributed_figures
+
+    return distributed_figures(cache=cache, progress=progress)
+
+
 GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {
-    "baseline": baseline, "pruning": pruning, "quant": quant}
+    "baseline": baseline, "pruning": pruning, "quant": quant, "distributed": distributed}
 
 
 def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None = None,
