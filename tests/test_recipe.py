@@ -154,6 +154,20 @@ def test_unstructured_pruning_step_reuses_the_cached_dense_model(tmp_path, monke
     assert abs(pruned.size_onnx_bytes - dense.size_onnx_bytes) < 0.02 * dense.size_onnx_bytes
 
 
+def test_runs_differing_only_in_measurement_share_the_trained_weights(tmp_path, monkeypatch):
+    defaults = Recipe()  # the twin a run looks for has the default measurement settings
+    measured = run(Recipe(**{**PRUNE, "latency_repeats": defaults.latency_repeats}), cache=tmp_path, progress=False)
+    monkeypatch.setattr(recipe_mod, "fit", lambda *a, **k: pytest.fail("trained again"))
+    lean = run(Recipe(**PRUNE, export_onnx=False), cache=tmp_path, progress=False)
+    assert not lean.cached and lean.onnx_path is None and lean.accuracy == measured.accuracy
+    assert lean.history == measured.history and lean.train_seconds >= measured.train_seconds
+    a, b = measured.load_model().state_dict(), lean.load_model().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # ... and a compressed run built on the lean recipe starts from those weights too.
+    pruned = run(Recipe(**PRUNE, export_onnx=False, prune_amount=0.5), cache=tmp_path, progress=False)
+    assert pruned.dense_accuracy == measured.accuracy
+
+
 def test_structured_pruning_step_shrinks_the_model_and_reloads(tmp_path):
     dense = run(Recipe(**PRUNE), cache=tmp_path, progress=False)
     small = run(Recipe(**PRUNE, prune_amount=0.5, prune_kind="structured", finetune_epochs=1), cache=tmp_path,

@@ -28,7 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as _data
-from . import cluster, distill, measure, models, prune, quant
+from . import cluster, distill, fold, measure, models, prune, quant, schedules
+from . import ort as _ort
 from . import onnx as _onnx
 from .errors import WorkbenchError
 from .measure import LatencyStats
@@ -43,8 +44,15 @@ SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 COMPRESSION_FIELDS = ("prune_amount", "prune_kind", "prune_scope", "prune_schedule", "prune_steps",
                       "prune_exclude", "finetune_epochs", "finetune_lr", "weight_bits", "act_bits",
                       "quant_symmetric", "quant_granularity", "calibration", "qat_epochs", "share_bits",
-                      "share_bits_conv", "share_epochs")
+                      "share_bits_conv", "share_epochs", "fold_bn", "ort_quant")
 CALIBRATION_IMAGES = 512
+# Settings that change what is measured, not what is trained: runs that differ only in these
+# share their trained weights (see _measured_twin).
+MEASUREMENT_FIELDS = ("export_onnx", "threads", "latency_repeats")
+ORT_QUANT_MODES = ("none",) + _ort.MODES
+# Settings added after results were first cached: left out of the cache key while at their
+# default, so every result computed before they existed is still found.
+_KEY_OMIT_AT_DEFAULT = {"lr_schedule": "constant", "lr_schedule_options": {}, "fold_bn": False, "ort_quant": "none"}
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -113,9 +121,20 @@ class Recipe:
     share_bits: int = 0
     share_bits_conv: int = 8
     share_epochs: int = 0
+    # LR decay (chapter 7): a workbench.schedules kind (constant, step, exponential, cosine,
+    # polynomial) over the training epochs; options: gamma, power, min_lr_ratio, warmup_start and,
+    # in epochs, step_epochs and warmup_epochs.
+    lr_schedule: str = "constant"
+    lr_schedule_options: Any = ()
+    # Deployment (chapter 8): fold BatchNorm into the preceding Conv/Linear layer; quantize the
+    # exported ONNX model to int8 with ONNX Runtime ("none", "dynamic", "static" QDQ, "auto"). With
+    # ort_quant the Result describes the int8 ONNX model: its accuracy, size, ORT latency and parity.
+    fold_bn: bool = False
+    ort_quant: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_options", _freeze(dict(self.model_options)))
+        object.__setattr__(self, "lr_schedule_options", _freeze(dict(self.lr_schedule_options)))
         if isinstance(self.teacher, Mapping):
             object.__setattr__(self, "teacher", Recipe.from_dict(self.teacher))
         object.__setattr__(self, "prune_exclude", tuple(str(n) for n in self.prune_exclude))
@@ -138,6 +157,7 @@ class Recipe:
             raise WorkbenchError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         self._validate_pruning()
         self._validate_distillation()
+        self._validate_deployment()
         if self.share_bits and self.quantized:
             raise WorkbenchError("choose one way to store weights in fewer bits: weight sharing (share_bits) or "
                                  "affine quantization (weight_bits/act_bits), not both")
@@ -158,6 +178,25 @@ class Recipe:
         """The quantization settings as a :class:`workbench.quant.QuantConfig`."""
         return quant.QuantConfig(weight_bits=self.weight_bits, act_bits=self.act_bits, symmetric=self.quant_symmetric,
                                  granularity=self.quant_granularity, calibration=self.calibration)
+
+    def lr_schedule_for(self, steps_per_epoch: int) -> schedules.Schedule | None:
+        """The training LR schedule for `steps_per_epoch` optimizer steps per epoch (None: constant LR)."""
+        if self.lr_schedule == "constant" and not self.lr_schedule_options:
+            return None
+        return schedules.from_epochs(self.lr_schedule, epochs=max(self.epochs, 1), steps_per_epoch=steps_per_epoch,
+                                     **dict(self.lr_schedule_options))
+
+    def _validate_deployment(self) -> None:
+        self.lr_schedule_for(1)  # validates the kind and its options
+        if not isinstance(self.fold_bn, bool):
+            raise WorkbenchError(f"Recipe.fold_bn must be True or False, got {self.fold_bn!r}")
+        if self.ort_quant not in ORT_QUANT_MODES:
+            raise WorkbenchError(f"Recipe.ort_quant must be one of {', '.join(ORT_QUANT_MODES)}, got {self.ort_quant!r}")
+        if self.ort_quant != "none" and not self.export_onnx:
+            raise WorkbenchError("Recipe.ort_quant quantizes the exported ONNX model: set export_onnx=True")
+        if self.ort_quant != "none" and (self.quantized or self.share_bits):
+            raise WorkbenchError("Recipe.ort_quant quantizes a float model with ONNX Runtime; it does not combine "
+                                 "with fake quantization (weight_bits/act_bits) or weight sharing (share_bits)")
 
     def _validate_distillation(self) -> None:
         if self.teacher is None:
@@ -195,7 +234,7 @@ class Recipe:
     @property
     def compressed(self) -> bool:
         """Whether any compression step is on (else this is a plain training run)."""
-        return self.prune_amount > 0 or self.quantized or self.share_bits > 0
+        return self.prune_amount > 0 or self.quantized or self.share_bits > 0 or self.fold_bn or self.ort_quant != "none"
 
     def dense(self) -> "Recipe":
         """The same recipe with every compression step off: the baseline it is compared with."""
@@ -211,6 +250,7 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["model_options"] = self.options
         d["prune_exclude"] = list(self.prune_exclude)
+        d["lr_schedule_options"] = dict(self.lr_schedule_options)
         d["teacher"] = self.teacher.to_dict() if self.teacher is not None else None
         return d
 
@@ -339,9 +379,16 @@ def _model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _key_dict(d: dict[str, Any]) -> dict[str, Any]:
+    d = {k: v for k, v in d.items() if not (k in _KEY_OMIT_AT_DEFAULT and v == _KEY_OMIT_AT_DEFAULT[k])}
+    if d.get("teacher"):
+        d["teacher"] = _key_dict(d["teacher"])
+    return d
+
+
 def _key(recipe: Recipe, model_id: str, data_id: str) -> str:
-    blob = json.dumps({"recipe": recipe.to_dict(), "model": model_id, "data": data_id, "versions": _versions()},
-                      sort_keys=True)
+    blob = json.dumps({"recipe": _key_dict(recipe.to_dict()), "model": model_id, "data": data_id,
+                       "versions": _versions()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -371,6 +418,12 @@ def _compress(recipe: Recipe, net: nn.Module, ds: _data.Dataset, progress: bool 
             history["share_finetune"] = tuned.to_dict() if tuned else {}
         encoded = cluster.encode(net, books)
         history["deep_compression"] = {"bytes": encoded.nbytes(), "layers": encoded.breakdown()}
+    if recipe.fold_bn:
+        if not fold.batchnorm_layers(net):
+            raise WorkbenchError(f"fold_bn: this {recipe.model} model has no BatchNorm layer to fold "
+                                 "(the zoo's cnn has them unless batchnorm=false)")
+        history["fold_bn"] = {"folded": fold.batchnorm_layers(net)}
+        net = fold.fold_bn(net, strict=True)
     if recipe.quantized:
         qnet = quant.quantize_model(net, recipe.quant_config(), ds.X_train[:CALIBRATION_IMAGES])
         if recipe.qat_epochs:
@@ -422,14 +475,17 @@ def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key
     if builtin:
         # Structured pruning changed the widths; the checkpoint records them so it can be rebuilt.
         widths = models.width_options(_float_model(net)) if quantized else models.width_options(net)
+        folded = {"batchnorm": False} if recipe.fold_bn and recipe.model == "cnn" else {}
         spec = {"name": recipe.model, "input_shape": ds.input_shape, "num_classes": ds.num_classes,
-                "options": recipe.options | widths}
+                "options": recipe.options | widths | folded}
         models.save_checkpoint(ckpt, net, spec=spec, metadata={"recipe": recipe.to_dict(), "accuracy": test.accuracy})
     else:
         torch.save({"state_dict": net.state_dict()}, ckpt)
     onnx_path = parity = ort_lat = None
     if recipe.export_onnx:
         onnx_path = _onnx.export(net, entry / "model.onnx", input_shape=ds.input_shape)
+        if recipe.ort_quant != "none":
+            test, val = _ort_quantize(recipe, net, ds, entry, history, test, val)
         parity = _onnx.parity(net, onnx_path, ds.X_test)
         ort_lat = _onnx.ort_latency(onnx_path, x1, threads=recipe.threads, repeats=recipe.latency_repeats)
     plain = _float_model(net) if quantized else net
@@ -454,6 +510,31 @@ def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key
         checkpoint_path="model.pt", onnx_path="model.onnx" if onnx_path else None,
         versions=_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _ort_quantize(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, history: dict, test: Any,
+                  val: Any) -> tuple[Any, Any]:
+    """Replace entry/model.onnx by its ONNX Runtime int8 version; its accuracy becomes the result's."""
+    from .train import Evaluation
+
+    fp32 = entry / "model.fp32.onnx"
+    os.replace(entry / "model.onnx", fp32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "auto" times int8 against fp32; the Result records latency itself
+        q = _ort.quantize(fp32, entry / "model.onnx", mode=recipe.ort_quant,
+                          calibration=ds.X_train[:CALIBRATION_IMAGES], threads=recipe.threads)
+    sess = _onnx.session(entry / "model.onnx", threads=recipe.threads)
+
+    def ort_eval(X: torch.Tensor, y: torch.Tensor) -> Evaluation:
+        logits = torch.from_numpy(_onnx.run_session(sess, X))
+        return Evaluation(loss=float(torch.nn.functional.cross_entropy(logits, y)),
+                          accuracy=float((logits.argmax(1) == y).float().mean()), n=len(y))
+
+    history["ort_quant"] = {"mode": q.mode, "reason": q.reason, "per_channel": q.per_channel,
+                            "fp32_onnx_bytes": q.fp32_bytes, "int8_onnx_bytes": q.int8_bytes,
+                            "torch_accuracy": test.accuracy, "torch_val_accuracy": val.accuracy, "ops": q.ops}
+    fp32.unlink()
+    return ort_eval(ds.X_test, ds.y_test), ort_eval(ds.X_val, ds.y_val)
 
 
 def _localize(result: Result, entry: Path) -> Result:
@@ -503,6 +584,7 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
 
     t0 = time.perf_counter()
     dense_accuracy = teacher_accuracy = None
+    trained_before = 0.0
     if recipe.compressed:
         # Compression starts from the trained dense model, itself a cached run: a sweep over
         # pruning amounts trains the baseline once.
@@ -510,9 +592,17 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
         net = base.load_model(into=net if model is not None else None)
         net, history = _compress(recipe, net, ds, progress)
         dense_accuracy = base.accuracy
+    elif use_cache and (twin := _measured_twin(recipe, model_id, ds.fingerprint, root)) is not None:
+        # The same training with other measurement settings is cached: its weights are these
+        # (training does not depend on export_onnx/latency_repeats/threads), so only measure.
+        net = twin.load_model(into=net if model is not None else None)
+        history, trained_before, teacher_accuracy = dict(twin.history), twin.train_seconds, twin.teacher_accuracy
     else:
         train = dict(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, optimizer=recipe.optimizer,
                      weight_decay=recipe.weight_decay, seed=recipe.seed, progress=progress)
+        sched = recipe.lr_schedule_for(schedules.steps_per_epoch(len(ds.X_train), recipe.batch_size))
+        if sched is not None:
+            train["lr_schedule"] = sched.factor
         if recipe.teacher is not None and recipe.epochs:
             teacher = run(recipe.teacher, data=ds, cache=cache, progress=progress)
             teacher_accuracy = teacher.accuracy
@@ -521,7 +611,7 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
         else:
             hist = fit(net, ds, **train) if recipe.epochs else None
         history = hist.to_dict() if hist else {}
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0 + trained_before
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{key}-{os.getpid()}"
@@ -546,6 +636,17 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _localize(result, entry)
+
+
+def _measured_twin(recipe: Recipe, model_id: str, data_id: str, root: Path) -> Result | None:
+    """The cached run that trained exactly like `recipe` with the default measurement settings, if any."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.name in MEASUREMENT_FIELDS}
+    twin = recipe.replace(**defaults)
+    if twin == recipe:
+        return None
+    entry = root / _key(twin, model_id, data_id)
+    hit = _read_cached(entry)
+    return _localize(hit, entry) if hit is not None else None
 
 
 def sweep(recipes: Iterable[Recipe], *, progress: bool | None = None, **kwargs: Any) -> list[Result]:
