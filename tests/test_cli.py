@@ -38,6 +38,9 @@ def test_train_info_export(tmp_path, capsys):
         (["train", "--dataset", "mnist", "--data-root", "nowhere", "--epochs", "1", "--out", "m.pt"], "train-images"),
         (["train", "--option", "bogus=1", "--epochs", "1", "--out", "m.pt"], "unknown option"),
         (["bench", "--only", "nope"], "unknown bench group"),
+        (["train", "--lr-schedule", "cosine", "--lr-option", "warmup_epochs=9", "--epochs", "3", "--out", "m.pt"],
+         "warmup_epochs must be in [0, epochs)"),
+        (["compress", "--model", "mlp", "--epochs", "1", "--fold-bn", "--out", "m.pt"], "BatchNorm"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):
@@ -106,3 +109,23 @@ def test_compress_quantizes_and_info_reads_it(tmp_path, capsys):
     assert "4-bit weights" in text and "QAT 3 epochs" in text and "packed weights" in text
     assert main(["info", str(out)]) == 0
     assert "weights 4-bit" in capsys.readouterr().out
+
+
+def test_deployment_flags(tmp_path, capsys):
+    """compress --ort-quant writes the int8 ONNX model; export --opt-level / --providers report the graph."""
+    ckpt, onnx_file, q_onnx = tmp_path / "m.pt", tmp_path / "m.onnx", tmp_path / "q.onnx"
+    assert main(["compress", "--model", "mlp", "--epochs", "2", "--lr-schedule", "cosine", "--ort-quant", "dynamic",
+                 "--out", str(ckpt), "--onnx", str(q_onnx)]) == 0
+    out = capsys.readouterr().out
+    assert "ONNX Runtime int8, dynamic" in out and q_onnx.is_file()
+    import onnx
+
+    assert any(n.op_type == "DynamicQuantizeLinear" or n.op_type.startswith("MatMulInteger")
+               for n in onnx.load(str(q_onnx)).graph.node)
+    assert main(["export", str(ckpt), "--out", str(onnx_file), "--opt-level", "extended", "--providers", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "m.extended.onnx").is_file() and "nodes after 'extended' optimization" in out
+    assert "nodes per provider: CPUExecutionProvider" in out
+    assert main(["export", str(ckpt), "--out", str(onnx_file), "--providers", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not installed" in err and "available:" in err and len(err.splitlines()) == 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import cluster, data, distill, measure, models, onnx, plots, prune, quant, recipe, train  # noqa: E402
+from . import cluster, data, distill, fold, measure, models, onnx, ort, plots, prune, quant, recipe, schedules, train  # noqa: E402
 from .data import Dataset, load  # noqa: E402
 from .errors import WorkbenchError  # noqa: E402
 from .models import build  # noqa: E402
@@ -19,13 +19,16 @@ __all__ = [
     "cluster",
     "data",
     "distill",
+    "fold",
     "measure",
     "models",
     "onnx",
+    "ort",
     "plots",
     "prune",
     "quant",
     "recipe",
+    "schedules",
     "train",
     "Dataset",
     "load",

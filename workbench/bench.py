@@ -18,11 +18,12 @@ import onnxruntime
 import torch
 
 from .errors import WorkbenchError
+from .ort import cpu_flags
 from .data import load
 from .quant import packed_bytes as quant_packed_bytes
 from .recipe import Recipe, Result, run, sweep
 
-__all__ = ["BASELINES", "GROUPS", "KD_SEEDS", "KD_STUDENT", "KD_TEACHER", "distillation_runs", "machine_info", "cpu_flags", "run_bench", "write_json"]
+__all__ = ["BASELINES", "GROUPS", "KD_SEEDS", "KD_STUDENT", "KD_TEACHER", "distillation_runs", "machine_info", "run_bench", "write_json"]
 
 # The five baselines of chapter 2 (name -> recipe). The notebook trains exactly these, so the
 # book, the bench and the cache agree. Settings were chosen by validation accuracy.
@@ -34,20 +35,6 @@ BASELINES: dict[str, Recipe] = {
     "vit_digits": Recipe(model="vit", dataset="digits", epochs=40, lr=2e-3, batch_size=32,
                          optimizer="adamw", weight_decay=0.05),
 }
-
-
-def cpu_flags() -> dict[str, bool]:
-    """Which int8-relevant x86 instruction sets this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return {name: name in flags for name in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
 
 
 def machine_info() -> dict[str, Any]:
@@ -266,8 +253,16 @@ def distributed(*, cache: str | os.PathLike | None, progress: bool | None) -> tu
     return distributed_figures(cache=cache, progress=progress)
 
 
+def deploy(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
+    """Chapters 7-8: torch eager vs ORT fp32 vs ORT int8 dynamic / static QDQ (MLP and CNN), BN folding."""
+    from .bench_deploy import deploy_figures
+
+    out = deploy_figures(cache=cache, progress=progress)
+    return out["rows"], out["figures"]
+
+
 GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {
-    "baseline": baseline, "pruning": pruning, "quant": quant, "distributed": distributed}
+    "baseline": baseline, "pruning": pruning, "quant": quant, "deploy": deploy, "distributed": distributed}
 
 
 def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None = None,

@@ -36,7 +36,8 @@ def _recipe(args: argparse.Namespace, **compression: Any):
 
     return Recipe(model=args.model, dataset=args.dataset, model_options=dict(args.option), epochs=args.epochs,
                   lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed,
-                  weight_decay=args.weight_decay, **compression)
+                  weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+                  lr_schedule_options=dict(args.lr_option), **compression)
 
 
 def _run_and_copy(recipe, args: argparse.Namespace):
@@ -68,9 +69,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
                      prune_schedule=args.schedule, prune_steps=args.steps, prune_exclude=tuple(args.exclude),
                      finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, weight_bits=args.bits,
                      act_bits=act_bits, quant_symmetric=not args.asymmetric, quant_granularity=args.granularity,
-                     calibration=args.calibration, qat_epochs=args.qat)
+                     calibration=args.calibration, qat_epochs=args.qat, fold_bn=args.fold_bn,
+                     ort_quant=args.ort_quant)
     if not recipe.compressed:
-        raise WorkbenchError("nothing to compress: give a pruning amount (--prune 0.8) and/or bits (--bits 8)")
+        raise WorkbenchError("nothing to compress: give a pruning amount (--prune 0.8), bits (--bits 8), "
+                             "--fold-bn or --ort-quant")
     r = _run_and_copy(recipe, args)
     from .recipe import run
 
@@ -86,6 +89,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
                      f"{'symmetric' if recipe.quant_symmetric else 'asymmetric'}), "
                      f"{recipe.act_bits or 32}-bit activations ({recipe.calibration} calibration), "
                      + (f"QAT {recipe.qat_epochs} epochs" if recipe.qat_epochs else "PTQ"))
+    if recipe.fold_bn:
+        steps.append(f"BatchNorm folded ({', '.join(r.history['fold_bn']['folded']) or 'none found'})")
+    if recipe.ort_quant != "none":
+        q = r.history["ort_quant"]
+        steps.append(f"ONNX Runtime int8, {q['reason']}")
     print(f"{recipe.model} on {recipe.dataset}: " + "; ".join(steps))
     print(f"  test accuracy  {dense.accuracy:.4f} -> {r.accuracy:.4f} ({100 * (r.accuracy - dense.accuracy):+.2f} percentage points)")
     print(f"  parameters     {dense.params:,} -> {r.params:,} ({r.nonzero_params:,} non-zero, sparsity {r.sparsity:.1%})")
@@ -147,6 +155,28 @@ def cmd_export(args: argparse.Namespace) -> None:
         p = wonnx.parity(model, path, ds.X_test)
         print(f"parity vs PyTorch on {p.n} test examples: max abs err {p.max_abs_err:.2e}, "
               f"top-1 agreement {p.top1_agreement:.4f}")
+    if args.opt_level:
+        import onnx
+
+        graph = wonnx.optimized_graph(path, args.opt_level)
+        opt_path = path.with_name(f"{path.stem}.{args.opt_level}.onnx")
+        tmp = opt_path.with_name(f".{opt_path.name}.tmp")
+        onnx.save(graph, str(tmp))
+        tmp.replace(opt_path)
+        ops: dict[str, int] = {}
+        for node in graph.graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        print(f"wrote {opt_path}: {len(graph.graph.node)} nodes after '{args.opt_level}' optimization: "
+              + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
+    if args.providers:
+        import numpy as np
+
+        x = np.zeros((1, *spec["input_shape"]), dtype=np.float32)
+        names = args.providers if args.providers == "auto" else args.providers.split(",")
+        rep = wonnx.provider_report(path, x, providers=names)
+        print(f"providers: asked {', '.join(rep.requested)}; session uses {', '.join(rep.session_providers)}"
+              + ("  (FELL BACK: the first provider could not start)" if rep.fell_back else ""))
+        print("nodes per provider: " + ", ".join(f"{k} {v}" for k, v in rep.counts().items()))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -164,7 +194,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .data import DATASETS
+    from .onnx import OPT_LEVELS
     from .models import MODELS
+    from .ort import MODES as ORT_MODES
+    from .schedules import KINDS
     from .train import OPTIMIZERS
 
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split(":")[0] + ".")
@@ -183,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                        help="model option, repeatable (e.g. --option batchnorm=false --option hidden=[512,256])")
+        p.add_argument("--lr-schedule", default="constant", choices=list(KINDS),
+                       help="learning-rate decay over the training epochs (chapter 7)")
+        p.add_argument("--lr-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="schedule setting, repeatable: gamma, power, min_lr_ratio, step_epochs, warmup_epochs, "
+                            "warmup_start (e.g. --lr-schedule cosine --lr-option warmup_epochs=2)")
         p.add_argument("--no-cache", action="store_true", help="recompute even if this recipe is cached")
         p.add_argument("--out", required=True, help="checkpoint file to write (e.g. model.pt)")
 
@@ -214,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default="minmax", choices=["minmax", "moving_average", "percentile", "mse"])
     p.add_argument("--qat", type=int, nargs="?", const=3, default=0, metavar="EPOCHS",
                    help="quantization-aware training epochs after calibration (--qat alone: 3)")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding Conv/Linear layer")
+    p.add_argument("--ort-quant", default="none", choices=["none", *ORT_MODES],
+                   help="quantize the exported ONNX model to int8 with ONNX Runtime: dynamic, static (QDQ, "
+                        "calibrated on training images) or auto (static for convolutions, dynamic otherwise)")
     p.add_argument("--onnx", metavar="PATH", help="also write the compressed model's ONNX file")
     p.set_defaults(func=cmd_compress)
 
@@ -226,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="ONNX file to write (e.g. model.onnx)")
     p.add_argument("--data-root", help="folder with the dataset files, if not the default")
+    p.add_argument("--opt-level", choices=list(OPT_LEVELS), metavar="LEVEL",
+                   help=f"also write the graph as ONNX Runtime optimizes it at this level ({', '.join(OPT_LEVELS)}) "
+                        "to OUT with .LEVEL.onnx, and print its operators")
+    p.add_argument("--providers", metavar="NAMES",
+                   help="run once on these execution providers (auto, or e.g. cuda,cpu) and report which "
+                        "provider ran each node")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="run the benchmark groups and print/write the measured figures")

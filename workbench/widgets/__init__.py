@@ -1,7 +1,9 @@
 """ipywidgets explorers: thin controllers over the cached `recipe.run`, one module per chapter."""
 
 from .distill import DistillationExplorer
+from .lr import LRExplorer
 from .pruning import PruningExplorer
 from .quant import QuantizationExplorer
+from .tradeoff import TradeoffExplorer
 
-__all__ = ["DistillationExplorer", "PruningExplorer", "QuantizationExplorer"]
+__all__ = ["DistillationExplorer", "LRExplorer", "PruningExplorer", "QuantizationExplorer", "TradeoffExplorer"]

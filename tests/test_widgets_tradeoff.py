@@ -1,0 +1,55 @@
+"""TradeoffExplorer: pruning ratio x bit-width from a cached sweep, Pareto fronts, the static site figure."""
+
+import pytest
+
+from workbench import Recipe, WorkbenchError, run
+from workbench.widgets import TradeoffExplorer
+from workbench.widgets.tradeoff import pareto, recipe_for, static_figure
+
+FAST = dict(model="cnn", dataset="digits", epochs=2, latency_repeats=5, model_options={"channels": [8, 16]})
+
+
+@pytest.fixture(scope="module")
+def explorer(tmp_path_factory):
+    return TradeoffExplorer(Recipe(**FAST), cache=tmp_path_factory.mktemp("tradeoff-cache"), amounts=(0.0, 0.5),
+                            finetune_epochs=1)
+
+
+def test_grid_recipes():
+    base = Recipe(**FAST)
+    assert recipe_for(base, 0.0, 32) == base
+    assert recipe_for(base, 0.5, 8).ort_quant == "auto" and recipe_for(base, 0.5, 8).prune_kind == "structured"
+    assert recipe_for(base, 0.0, 4).weight_bits == 4
+    with pytest.raises(WorkbenchError, match="bits must be one of 32, 8, 4"):
+        recipe_for(base, 0.0, 16)
+
+
+def test_controls_move_the_current_point(explorer):
+    assert explorer.latency_plot.data[2].y == (explorer.results[Recipe(**FAST)].accuracy,)
+    explorer.bits.value = 8
+    int8 = explorer.results[explorer.recipe()]
+    assert int8.history["ort_quant"]["mode"] == "static"
+    assert explorer.size_plot.data[2].x[0] == pytest.approx(int8.size_onnx_bytes / 1024)
+    explorer.ratio.value = 0.5
+    assert explorer.results[explorer.recipe()].params < int8.params
+    assert len(explorer.latency_plot.data[0].x) == 3
+    explorer.bits.value = 4
+    assert "no int4 kernels" in explorer.info.value
+    p = [q for q in explorer.points() if q["bits"] == 4][0]
+    assert p["size_kb"] == pytest.approx(explorer.results[explorer.recipe()].size_quantized_bytes / 1024)
+
+
+def test_pareto_front():
+    pts = [dict(latency_us=1, accuracy=0.9), dict(latency_us=2, accuracy=0.95), dict(latency_us=3, accuracy=0.94),
+           dict(latency_us=0.5, accuracy=0.5)]
+    assert [p["latency_us"] for p in pareto(pts)] == [0.5, 1, 2]
+
+
+def test_precompute_and_static_figure(explorer):
+    results = explorer.precompute(bits=(32, 8))
+    assert len(results) == 4 and all(r.cached or r.accuracy > 0 for r in results)
+    assert explorer.update() is explorer.results[explorer.recipe()]
+    assert run(explorer.recipe(), cache=explorer.cache).cached  # the grid is in the on-disk cache
+    fig = static_figure(explorer)
+    assert len(fig.layout.sliders[0].steps) == 2 and len(fig.data) == 3 + 2
+    assert fig.layout.sliders[0].steps[1].args[0]["visible"] == [True, True, True, False, True]
