@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import json
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import plotly.graph_objects as go
 
-__all__ = ["show", "image_grid", "training_curves", "latency_distribution", "tradeoff", "lines", "bars",
+__all__ = ["bundle", "show", "image_grid", "training_curves", "latency_distribution", "tradeoff", "lines", "bars",
            "sensitivity"]
 
 
-def show(fig: go.Figure) -> None:
-    """Display a plotly figure so that it works both in JupyterLab and in the built book.
+def bundle(fig: go.Figure) -> dict[str, Any]:
+    """The mime bundle :func:`show` displays: plotly's JSON for JupyterLab, an HTML div for the book.
 
     JupyterLab renders the plotly JSON mime type itself. Jupyter Book 1 ignores that type, so the
     bundle also carries an HTML div drawn by the site's local plotly.js (no CDN: the book must
     work offline).
     """
+    return {"application/vnd.plotly.v1+json": json.loads(fig.to_json()),
+            "text/html": fig.to_html(include_plotlyjs=False, full_html=False)}
+
+
+def show(fig: go.Figure) -> None:
+    """Display a plotly figure so that it works both in JupyterLab and in the built book."""
     from IPython.display import display
 
-    display(
-        {
-            "application/vnd.plotly.v1+json": fig.to_plotly_json(),
-            "text/html": fig.to_html(include_plotlyjs=False, full_html=False),
-        },
-        raw=True,
-    )
+    display(bundle(fig), raw=True)
 
 
 def image_grid(images: np.ndarray, labels: Sequence[int], *, classes: Sequence[str], n: int = 20,
