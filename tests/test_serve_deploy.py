@@ -1,0 +1,119 @@
+"""Deployment files agree with the app (port, probes, metrics path, command) and pass promtool's checks."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workbench.serve import cli
+from workbench.serve.app import DEFAULT_PORT, METRIC_NAMES, ROUTES
+from workbench.serve.monitor import CONFIG_FILE, DEPLOY_DIR, RULES_FILE
+
+K8S = DEPLOY_DIR / "k8s"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: apt-get install "
+                                                              "prometheus; .ci/run installs it)")
+
+
+def _docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def _container() -> dict:
+    (deployment,) = _docs("deployment.yaml")
+    assert deployment["kind"] == "Deployment"
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _parse(args: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(args)
+
+
+def test_kubernetes_probes_port_and_command_are_the_apps():
+    c = _container()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": DEFAULT_PORT}
+    assert c["readinessProbe"]["httpGet"] == {"path": ROUTES["ready"], "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": ROUTES["live"], "port": "http"}
+    args = _parse(c["args"])
+    assert args.command == "serve" and args.port == DEFAULT_PORT and args.host == "0.0.0.0"
+    assert "@" in args.model  # served from the registry by alias, so promotions reach it
+    env = {e["name"] for e in c["env"]}
+    assert {"WORKBENCH_REGISTRY_URI", "WORKBENCH_API_KEY"} <= env
+    pod = yaml.safe_load((K8S / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_service_and_service_monitor_select_the_pods_and_scrape_metrics():
+    (deployment,) = _docs("deployment.yaml")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (service,) = _docs("service.yaml")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
+    (monitor,) = _docs("servicemonitor.yaml")
+    assert monitor["kind"] == "ServiceMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "http", "path": ROUTES["metrics"], "interval": endpoint["interval"]}
+
+
+def test_dockerfile_runs_the_server_as_non_root_with_a_healthcheck():
+    text = (DEPLOY_DIR / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    user = [line for line in lines if line.startswith("USER ")]
+    assert user and user[-1] not in ("USER root", "USER 0")
+    assert f"EXPOSE {DEFAULT_PORT}" in lines
+    health = text[text.index("HEALTHCHECK"):]
+    assert f"http://127.0.0.1:{DEFAULT_PORT}{ROUTES['ready']}" in health.split("ENTRYPOINT")[0]
+    assert 'ENTRYPOINT ["workbench"]' in lines
+    cmd = [line for line in lines if line.startswith("CMD [")][-1]  # the last: the first is the health check's
+    args = _parse(yaml.safe_load(cmd[len("CMD "):]))
+    assert args.command == "serve" and args.port == DEFAULT_PORT and args.host == "0.0.0.0"
+    assert "torch==2.13.0" in text and "whl/cpu" in text  # the CPU wheel, not CUDA
+    assert args.model == _parse(_container()["args"]).model  # the image and the manifest serve the same model
+
+
+def test_prometheus_config_scrapes_the_metrics_route_and_rules_use_real_metrics():
+    cfg = yaml.safe_load(CONFIG_FILE.read_text())
+    (job,) = cfg["scrape_configs"]
+    assert job["metrics_path"] == ROUTES["metrics"]
+    assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{DEFAULT_PORT}"]
+    rules = yaml.safe_load(RULES_FILE.read_text())["groups"][0]["rules"]
+    names = {r["alert"] for r in rules}
+    assert {"WorkbenchHighP99Latency", "WorkbenchHighErrorRate", "WorkbenchPredictionDrift"} <= names
+    known = {n.removesuffix("_total") for n in METRIC_NAMES}
+    for rule in rules:
+        for metric in re.findall(r"\b(workbench_[a-z_]+)", rule["expr"]):
+            base = re.sub(r"_(bucket|sum|count|total)$", "", metric)
+            assert base in known, f"{rule['alert']} uses {metric}, which the server does not export"
+        for route in re.findall(r'route="([^"]+)"', rule["expr"]):
+            assert route in ROUTES.values()
+
+
+@needs_promtool
+@pytest.mark.parametrize("args", [["check", "config", str(CONFIG_FILE)], ["check", "rules", str(RULES_FILE)],
+                                  ["test", "rules", str(RULES_FILE.with_name("alerts_test.yml"))]])
+def test_promtool_accepts_config_rules_and_rule_tests(args):
+    done = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60, cwd=RULES_FILE.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout + done.stderr
+
+
+def test_monitor_config_points_prometheus_at_one_server():
+    from workbench.serve.monitor import Prometheus, prometheus_binary
+
+    if prometheus_binary() is None:
+        pytest.skip("prometheus not installed (Debian: apt-get install prometheus)")
+    cfg = yaml.safe_load(Prometheus("http://127.0.0.1:8123", interval=0.5).config_text())
+    assert cfg["scrape_configs"][0]["static_configs"] == [{"targets": ["127.0.0.1:8123"]}]
+    assert cfg["global"]["scrape_interval"] == "500ms" and Path(cfg["rule_files"][0]).is_file()

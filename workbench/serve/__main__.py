@@ -1,0 +1,7 @@
+"""``python -m workbench.serve serve|registry ...``: the serving subcommands on their own."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

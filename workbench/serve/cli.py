@@ -1,0 +1,146 @@
+"""The `serve` and `registry` subcommands of the `workbench` CLI (also ``python -m workbench.serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from ..errors import WorkbenchError
+from . import DEFAULT_HOST, DEFAULT_PORT, require_extra
+
+__all__ = ["add_subcommands", "main"]
+
+
+def _registry(args: argparse.Namespace):
+    require_extra()
+    from .registry import Registry
+
+    return Registry(args.registry)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    require_extra()
+    from .app import ServeSettings, create_app, run_server
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_rows=args.max_rows,
+                             max_body_bytes=args.max_body_bytes, api_key=args.api_key or None,
+                             poll_seconds=args.poll_seconds, threads=args.threads)
+    registry = None
+    if not args.model.endswith(".onnx"):
+        registry = _registry(args)
+    app = create_app(args.model, settings, registry=registry)
+    m = app.state.server.model
+    where = f"http://{args.host}:{args.port}"
+    banner = (f"serving {m.name}/{m.version} ({args.model}) on {where}: POST /predict, GET /health /model /metrics; "
+              f"batches of <= {settings.max_batch} rows, wait <= {settings.max_wait_ms:g} ms"
+              + (", API key required" if settings.api_key else ""))
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level, banner=banner)
+
+
+def cmd_registry_list(args: argparse.Namespace) -> None:
+    reg = _registry(args)
+    names = [args.name] if args.name else reg.models()
+    rows = [v for name in names for v in reg.versions(name)]
+    if args.json:
+        print(json.dumps([v.to_dict() for v in rows], indent=1))
+        return
+    if not rows:
+        print(f"no registered models in {reg.uri}")
+        return
+    header = f"{'model':<20} {'ver':>4}  {'aliases':<20} {'accuracy':>8}  {'ORT p50':>9}  {'ONNX KB':>8}  description"
+    print(header)
+    for v in rows:
+        s = v.summary()
+        acc = f"{s['accuracy']:.4f}" if s["accuracy"] is not None else "-"
+        lat = f"{s['ort_p50_us']:.0f} us" if s["ort_p50_us"] is not None else "-"
+        kb = f"{s['onnx_kb']:.1f}" if s["onnx_kb"] is not None else "-"
+        flags = " (rolled back)" if v.tags.get("rolled_back") else (" (rejected)" if v.tags.get("rejected") else "")
+        print(f"{v.name:<20} {v.version:>4}  {s['aliases'] or '-':<20} {acc:>8}  {lat:>9}  {kb:>8}  "
+              f"{s['description']}{flags}")
+
+
+def cmd_registry_promote(args: argparse.Namespace) -> None:
+    v = _registry(args).promote(args.name, args.version)
+    print(f"{v.name}: champion is now version {v.version} (accuracy {v.metrics.get('accuracy', float('nan')):.4f}); "
+          f"servers on {v.name}@champion swap at their next poll")
+
+
+def cmd_registry_rollback(args: argparse.Namespace) -> None:
+    v = _registry(args).rollback(args.name)
+    print(f"{v.name}: rolled back; champion is version {v.version} again")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def add_subcommands(sub: Any) -> None:
+    """Add ``serve`` and ``registry list|promote|rollback`` to an argparse subparsers object.
+
+    Cheap: nothing of MLflow or FastAPI is imported until a subcommand runs.
+    """
+    registry_help = "MLflow tracking URI of the registry (default $WORKBENCH_REGISTRY_URI or a SQLite file " \
+                    "under $WORKBENCH_CACHE/registry)"
+    p = sub.add_parser("serve", help="serve a registered model over HTTP (FastAPI + ONNX Runtime)",
+                       description="Serve NAME@ALIAS from the registry (hot-swapped when the alias moves) or an "
+                                   ".onnx file, with dynamic batching and Prometheus metrics at /metrics.")
+    p.add_argument("--model", required=True, metavar="REF",
+                   help="NAME@ALIAS (e.g. digits-mlp@champion), NAME/VERSION, or a path to an .onnx file")
+    p.add_argument("--registry", metavar="URI", help=registry_help)
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--max-batch", type=_positive, default=32, help="most rows per ONNX Runtime call (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
+    p.add_argument("--max-rows", type=_positive, default=256, help="most examples in one request")
+    p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body")
+    p.add_argument("--api-key", default=os.environ.get("WORKBENCH_API_KEY"),
+                   help="require this key in the X-API-Key header (default $WORKBENCH_API_KEY; none: open)")
+    p.add_argument("--poll-seconds", type=float, default=5.0,
+                   help="how often to check whether the alias moved (0: only on POST /admin/reload)")
+    p.add_argument("--threads", type=_positive, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("registry", help="list, promote and roll back registered models",
+                       description="The MLflow model registry: versions with their metrics, the champion alias, "
+                                   "promotion and rollback.")
+    rsub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    q = rsub.add_parser("list", help="registered models and their versions")
+    q.add_argument("name", nargs="?", help="only this model")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--registry", metavar="URI", help=registry_help)
+    q.set_defaults(func=cmd_registry_list)
+    q = rsub.add_parser("promote", help="make a version the champion (its sha256 is verified first)")
+    q.add_argument("name")
+    q.add_argument("version", type=_positive)
+    q.add_argument("--registry", metavar="URI", help=registry_help)
+    q.set_defaults(func=cmd_registry_promote)
+    q = rsub.add_parser("rollback", help="put the previous champion back")
+    q.add_argument("name")
+    q.add_argument("--registry", metavar="URI", help=registry_help)
+    q.set_defaults(func=cmd_registry_rollback)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m workbench.serve``: the same subcommands without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="python -m workbench.serve", description=__doc__.split("(")[0].strip())
+    add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except WorkbenchError as exc:
+        print(f"workbench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
