@@ -261,8 +261,16 @@ def deploy(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[l
     return out["rows"], out["figures"]
 
 
+def serving(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
+    """Chapter 10: batched vs unbatched throughput, p99 at a fixed rate, failed requests across a hot swap."""
+    from .serve.bench import serving as _serving
+
+    return _serving(cache=cache, progress=progress)
+
+
 GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {
-    "baseline": baseline, "pruning": pruning, "quant": quant, "deploy": deploy, "distributed": distributed}
+    "baseline": baseline, "pruning": pruning, "quant": quant, "deploy": deploy, "distributed": distributed,
+    "serving": serving}
 
 
 def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None = None,

@@ -1,4 +1,4 @@
-"""The `workbench` command line: train, compress, info, export, bench (also `python -m workbench`)."""
+"""The `workbench` command line: train, compress, info, export, bench, serve, registry (also `python -m workbench`)."""
 
 from __future__ import annotations
 
@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="GROUP", help="run only this group (repeatable)")
     p.add_argument("--cache", metavar="DIR", help="result cache folder (default $WORKBENCH_CACHE or ~/.cache/workbench)")
     p.set_defaults(func=cmd_bench)
+
+    from .serve.cli import add_subcommands as add_serve_subcommands
+
+    add_serve_subcommands(sub)  # serve, registry list|promote|rollback (MLflow/FastAPI load only when run)
     return parser
 
 
