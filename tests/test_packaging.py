@@ -52,3 +52,15 @@ def test_every_notebook_is_in_the_toc():
     toc = (ROOT / "_toc.yml").read_text()
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         assert f"notebooks/{nb.stem}" in toc, f"{nb.name} is not in _toc.yml, so the book would skip it"
+
+
+def test_notebooks_are_valid_nbformat_with_cell_ids():
+    """A cell without an id is a warning today and an error in future nbformat versions."""
+    import json
+
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        raw = json.loads(path.read_text())
+        assert all("id" in cell for cell in raw["cells"]), f"{path.name}: a cell has no id (run nbformat.validator.normalize)"
+        nbformat.validate(nbformat.reads(path.read_text(), as_version=4))
