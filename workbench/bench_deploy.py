@@ -118,7 +118,8 @@ def deploy_figures(*, cache: str | os.PathLike | None = True, progress: bool | N
         size = {RUNTIMES[0]: None, RUNTIMES[1]: results["fp32"].size_onnx_bytes,
                 RUNTIMES[2]: results["dynamic"].size_onnx_bytes, RUNTIMES[3]: results["static"].size_onnx_bytes}
         for batch in BATCHES:
-            stats = runtime_latencies(results, model, data.X_test[:batch])
+            # 15 interleaved rounds: with 5 the static CNN ratio ranged 1.27-1.76 over three runs.
+            stats = runtime_latencies(results, model, data.X_test[:batch], rounds=15)
             ort_fp32 = stats[RUNTIMES[1]].p50_us
             for runtime, s in stats.items():
                 rows.append({"name": f"{name}_b{batch}_{runtime.replace(' ', '_')}", "model": name, "batch": batch,
