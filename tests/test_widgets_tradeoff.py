@@ -53,3 +53,20 @@ def test_precompute_and_static_figure(explorer):
     fig = static_figure(explorer)
     assert len(fig.layout.sliders[0].steps) == 2 and len(fig.data) == 3 + 2
     assert fig.layout.sliders[0].steps[1].args[0]["visible"] == [True, True, True, False, True]
+
+
+def test_distilled_student_joins_the_grid(tmp_path):
+    student = Recipe(model="mlp", dataset="digits", epochs=3, latency_repeats=5, model_options={"hidden": [32]})
+    ex = TradeoffExplorer(Recipe(**FAST), cache=tmp_path, amounts=(0.0, 0.5), finetune_epochs=1, student=student)
+    assert ex.model.options == ("as given", "distilled student")
+    ex.model.value = "distilled student"
+    r = ex.recipe()
+    assert r.model == "mlp" and r.teacher == Recipe(**FAST) and r.kd_temperature == student.kd_temperature
+    assert ex.results[r].teacher_accuracy == ex.results[Recipe(**FAST)].accuracy  # taught by the base model
+    ex.bits.value = 8
+    assert ex.results[ex.recipe()].history["ort_quant"]["mode"] == "dynamic"  # auto: no convolutions
+    kinds = {(p["student"], p["bits"]) for p in ex.points()}
+    assert kinds == {(False, 32), (True, 32), (True, 8)}
+    assert "distilled mlp, 0% pruned, int8" in ex.info.value
+    with pytest.raises(WorkbenchError, match="teacher is trained on"):
+        TradeoffExplorer(Recipe(**FAST), cache=tmp_path, student=student.replace(dataset="digits28"))

@@ -1,4 +1,5 @@
-"""The trade-off explorer (chapter 8): pruning ratio x bit-width -> accuracy vs latency vs size, from a cached sweep."""
+"""The trade-off explorer (chapter 8): model (as given or a distilled student) x pruning ratio x bit-width
+-> accuracy vs latency vs size, from a cached sweep."""
 
 from __future__ import annotations
 
@@ -38,15 +39,20 @@ def recipe_for(base: Recipe, amount: float, bits: int, *, finetune_epochs: int =
     return r
 
 
-def point(result: Result, float_result: Result | None = None) -> dict[str, Any]:
-    """One grid point's numbers: accuracy, size (KB) and ORT batch-1 latency (us)."""
+def point(result: Result, float_result: Result | None = None, *, student: bool | None = None) -> dict[str, Any]:
+    """One grid point's numbers: accuracy, size (KB) and ORT batch-1 latency (us).
+
+    `student` marks a distilled student's point (default: whether the recipe has a teacher).
+    """
     r = result.recipe
     bits = 8 if r.ort_quant != "none" else (r.weight_bits or 32)
     size = result.size_quantized_bytes if bits < 8 else result.size_onnx_bytes
     lat = result.latency_ort_b1 or (float_result.latency_ort_b1 if float_result else None)
-    return {"prune": r.prune_amount, "bits": bits, "accuracy": result.accuracy, "size_kb": size / 1024,
-            "latency_us": lat.p50_us if lat else float("nan"),
-            "label": f"{r.prune_amount:.0%} pruned, {'fp32' if bits == 32 else f'int{bits}'}"}
+    student = r.teacher is not None if student is None else student
+    return {"prune": r.prune_amount, "bits": bits, "student": student, "accuracy": result.accuracy,
+            "size_kb": size / 1024, "latency_us": lat.p50_us if lat else float("nan"),
+            "label": (f"{'distilled ' + r.model if student else r.model}, {r.prune_amount:.0%} pruned, "
+                      f"{'fp32' if bits == 32 else f'int{bits}'}")}
 
 
 def pareto(points: list[dict[str, Any]], x: str = "latency_us") -> list[dict[str, Any]]:
@@ -63,6 +69,7 @@ def _scatter_traces(points: list[dict[str, Any]], current: dict[str, Any] | None
                    text=[p["label"] for p in points], name="computed",
                    marker=dict(size=[8 + 4 * (32 // p["bits"]) ** 0.5 for p in points],
                                color=[p["prune"] for p in points], colorscale="Viridis", cmin=0, cmax=1,
+                               symbol=["diamond" if p["student"] else "circle" for p in points],
                                colorbar=dict(title="pruned")),
                    hovertemplate="%{text}<br>%{x:.1f}<br>accuracy %{y:.2%}<extra></extra>"),
         go.Scatter(x=[p[x] for p in front], y=[p["accuracy"] for p in front], mode="lines",
@@ -80,16 +87,26 @@ class TradeoffExplorer:
         cache: the result cache folder.
         amounts: the pruning ratios of the slider.
         finetune_epochs: fine-tuning after pruning.
+        student: a smaller model's recipe; when given, a toggle adds it distilled from `base`
+            (its ``teacher`` is set to `base`), pruned and quantized on the same grid. Its points
+            are diamonds.
 
     Example:
         >>> ex = TradeoffExplorer(Recipe(model="cnn", epochs=30)); ex.precompute(); ex
     """
 
     def __init__(self, base: Recipe, *, cache: str | os.PathLike | None = None,
-                 amounts: Iterable[float] = (0.0, 0.25, 0.5, 0.75), finetune_epochs: int = 2) -> None:
+                 amounts: Iterable[float] = (0.0, 0.25, 0.5, 0.75), finetune_epochs: int = 2,
+                 student: Recipe | None = None) -> None:
         if not isinstance(base, Recipe):
             raise WorkbenchError(f"TradeoffExplorer needs a workbench Recipe, got {type(base).__name__}")
         self.base, self.cache, self.finetune_epochs = base.dense(), cache, finetune_epochs
+        if student is not None and not isinstance(student, Recipe):
+            raise WorkbenchError(f"student must be a workbench Recipe, got {type(student).__name__}")
+        # Recipe validation checks the pair (same dataset, a real temperature) here, not at the first click.
+        # Measured in ONNX Runtime like every grid point (export_onnx on).
+        self.student = student.dense().replace(teacher=self.base, export_onnx=True) if student is not None else None
+        self.models = {"as given": self.base} | ({"distilled student": self.student} if self.student else {})
         self.amounts = tuple(sorted(set(round(float(a), 4) for a in amounts)))
         if not self.amounts or not all(0 <= a < 1 for a in self.amounts):
             raise WorkbenchError(f"amounts must be fractions in [0, 1), got {amounts!r}")
@@ -98,6 +115,8 @@ class TradeoffExplorer:
         self.ratio = ipywidgets.SelectionSlider(options=[(f"{a:.0%}", a) for a in self.amounts],
                                                 value=self.amounts[0], description="prune", continuous_update=False)
         self.bits = ipywidgets.ToggleButtons(options=BITS, value=32, description="bits")
+        self.model = ipywidgets.ToggleButtons(options=list(self.models), value="as given", description="model",
+                                              layout=ipywidgets.Layout(display="flex" if self.student else "none"))
         self.info = ipywidgets.HTML()
         self.latency_plot = go.Figure(_scatter_traces([], None, "latency_us"))
         self.latency_plot.update_layout(title="Accuracy vs ORT latency (batch 1)", height=360, width=480,
@@ -108,9 +127,9 @@ class TradeoffExplorer:
                                      yaxis=dict(title="test accuracy", tickformat=".0%"),
                                      margin=dict(l=60, r=20, t=50, b=50), showlegend=False)
         self._outputs = {name: ipywidgets.Output() for name in ("latency_plot", "size_plot")}
-        self.widget = ipywidgets.VBox([ipywidgets.HBox([self.ratio, self.bits]), self.info,
+        self.widget = ipywidgets.VBox([ipywidgets.HBox([self.ratio, self.bits]), self.model, self.info,
                                        ipywidgets.HBox([self._outputs["latency_plot"], self._outputs["size_plot"]])])
-        for control in (self.ratio, self.bits):
+        for control in (self.ratio, self.bits, self.model):
             control.observe(self.update, names="value")
         self.update()
 
@@ -118,7 +137,9 @@ class TradeoffExplorer:
         return self.widget._repr_mimebundle_(**kwargs)
 
     def recipe(self) -> Recipe:
-        return recipe_for(self.base, self.ratio.value, self.bits.value, finetune_epochs=self.finetune_epochs)
+        """The recipe of the current control values."""
+        return recipe_for(self.models[self.model.value], self.ratio.value, self.bits.value,
+                          finetune_epochs=self.finetune_epochs)
 
     def _run(self, recipe: Recipe) -> Result:
         if recipe not in self.results:
@@ -130,7 +151,7 @@ class TradeoffExplorer:
         out = []
         for r, res in self.results.items():
             twin = self.results.get(r.replace(weight_bits=0, act_bits=0, export_onnx=True)) if r.weight_bits else None
-            out.append(point(res, twin))
+            out.append(point(res, twin, student=self.student is not None and r.teacher == self.base))
         return out
 
     def update(self, change: Any = None) -> Result | None:
@@ -139,7 +160,8 @@ class TradeoffExplorer:
         try:
             result = self._run(self.recipe())
             if self.bits.value == 4:
-                self._run(recipe_for(self.base, self.ratio.value, 32, finetune_epochs=self.finetune_epochs))
+                self._run(recipe_for(self.models[self.model.value], self.ratio.value, 32,
+                                     finetune_epochs=self.finetune_epochs))
         except WorkbenchError as exc:
             self.info.value = f'<p style="color:#c62828"><b>Cannot run this setting:</b> {html.escape(str(exc))}</p>'
             self.last_seconds = time.perf_counter() - t0
@@ -164,9 +186,9 @@ class TradeoffExplorer:
         return result
 
     def precompute(self, bits: Iterable[int] = BITS) -> list[Result]:
-        """Fill the cache with the whole grid (amounts x bits) through :func:`workbench.recipe.sweep`."""
-        recipes = [recipe_for(self.base, a, b, finetune_epochs=self.finetune_epochs)
-                   for b, a in itertools.product(bits, self.amounts)]
+        """Fill the cache with the whole grid (models x amounts x bits) through :func:`workbench.recipe.sweep`."""
+        recipes = [recipe_for(m, a, b, finetune_epochs=self.finetune_epochs)
+                   for m, b, a in itertools.product(self.models.values(), bits, self.amounts)]
         results = sweep(recipes, cache=self.cache, progress=False)
         self.results.update(zip(recipes, results))
         self.update()
@@ -185,9 +207,11 @@ def static_figure(explorer: TradeoffExplorer, x: str = "latency_us") -> go.Figur
     for a in explorer.amounts:
         sel = [p for p in points if p["prune"] == a]
         fig.add_trace(go.Scatter(x=[p[x] for p in sel], y=[p["accuracy"] for p in sel], mode="markers+text",
-                                 text=[f"int{p['bits']}" if p["bits"] < 32 else "fp32" for p in sel],
+                                 text=[("KD " if p["student"] else "") + (f"int{p['bits']}" if p["bits"] < 32 else "fp32")
+                                       for p in sel],
                                  textposition="top center", visible=a == explorer.amounts[0],
-                                 marker=dict(size=16, symbol="star", color="crimson"), name=f"{a:.0%} pruned"))
+                                 marker=dict(size=16, symbol=["star-diamond" if p["student"] else "star" for p in sel],
+                                             color="crimson"), name=f"{a:.0%} pruned"))
     n_fixed = 3
     for i, a in enumerate(explorer.amounts):
         visible = [True] * n_fixed + [j == i for j in range(len(explorer.amounts))]
