@@ -129,3 +129,20 @@ def test_deployment_flags(tmp_path, capsys):
     assert main(["export", str(ckpt), "--out", str(onnx_file), "--providers", "nosuch"]) == 2
     err = capsys.readouterr().err.strip()
     assert "not installed" in err and "available:" in err and len(err.splitlines()) == 1
+
+
+def test_register_promote_list_from_the_command_line(tmp_path, capsys):
+    """train --register puts the model in the registry (the fixture's cache holds it); list and promote see it."""
+    ckpt = tmp_path / "m.pt"
+    assert main(["train", "--epochs", "1", "--option", "hidden=[16]", "--out", str(ckpt),
+                 "--register", "cli-mlp"]) == 0
+    assert "registered cli-mlp version 1 (alias challenger)" in capsys.readouterr().out
+    assert main(["registry", "promote", "cli-mlp", "1"]) == 0
+    assert "champion is now version 1" in capsys.readouterr().out
+    assert main(["registry", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "cli-mlp" in out and "champion" in out
+    assert main(["registry", "promote", "cli-mlp", "7"]) == 2
+    assert "7" in capsys.readouterr().err
+    assert main(["train", "--epochs", "1", "--out", str(ckpt), "--register", "bad name!"]) == 2
+    assert "model names are" in capsys.readouterr().err

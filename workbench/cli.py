@@ -56,11 +56,27 @@ def _run_and_copy(recipe, args: argparse.Namespace):
     return result
 
 
+def _register(result, args: argparse.Namespace) -> None:
+    """--register NAME: the Result's ONNX model becomes the next version of NAME (alias challenger)."""
+    if not args.register:
+        return
+    from .serve import require_extra
+
+    require_extra()
+    from .serve.registry import Registry
+
+    reg = Registry(args.registry)
+    v = reg.register_result(result, name=args.register)
+    print(f"registered {v.name} version {v.version} (alias challenger) in {reg.uri}; "
+          f"`workbench registry promote {v.name} {v.version}` makes it the champion")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     recipe = _recipe(args)
     result = _run_and_copy(recipe, args)
     source = "from cache" if result.cached else f"trained in {result.train_seconds:.1f} s"
     print(f"{recipe.model} on {recipe.dataset}: test accuracy {result.accuracy:.4f} ({source}); wrote {args.out}")
+    _register(result, args)
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -107,6 +123,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     print(f"  ORT batch-1    {dense.latency_ort_b1.p50_us:.0f} us -> {r.latency_ort_b1.p50_us:.0f} us (p50"
           + (", fake-quantized float graph: real int8 speed is chapter 8" if recipe.quantized else "") + ")")
     print(f"wrote {args.out}" + (f" and {args.onnx}" if args.onnx else ""))
+    _register(r, args)
 
 
 def _load(path: str):
@@ -223,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "warmup_start (e.g. --lr-schedule cosine --lr-option warmup_epochs=2)")
         p.add_argument("--no-cache", action="store_true", help="recompute even if this recipe is cached")
         p.add_argument("--out", required=True, help="checkpoint file to write (e.g. model.pt)")
+        p.add_argument("--register", metavar="NAME",
+                       help="also register the ONNX model in the model registry as the next version of NAME "
+                            "(alias challenger; see `workbench registry`)")
+        p.add_argument("--registry", metavar="URI",
+                       help="MLflow tracking URI of the registry (default $WORKBENCH_REGISTRY_URI or a SQLite "
+                            "file under $WORKBENCH_CACHE/registry)")
 
     p = sub.add_parser("train", help="train a model of the zoo and save a checkpoint",
                        description="Train a model through the Recipe pipeline (cached) and save a checkpoint.")
