@@ -55,7 +55,7 @@ class PipeConfig:
 
     hidden: int = 1024
     depth: int = 5
-    batch_size: int = 512
+    batch_size: int = 2048
     micro_batches: int = 8
     seed: int = 0
     repeats: int = 7
