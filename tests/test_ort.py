@@ -147,6 +147,63 @@ def test_static_qdq_per_channel_of_the_cnn(cnn, data, tmp_path):
     assert _agreement(_outputs(q.path, X), _outputs(cnn[1], X)) >= 0.97
 
 
+def test_short_reduction_convs_counts_each_dot_product(tmp_path):
+    from torch import nn
+
+    # (in channels / groups) x kernel: 1x3x3 = 9, 3x5x5 = 75, depthwise 1x3x3 = 9, 8x3x3 = 72
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 8, 5, padding=2),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 3, padding=1),
+                        nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    proto = onnx.load(str(wonnx.export(net, tmp_path / "convs.onnx", input_shape=(1, 8, 8))))
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
+    assert ort.short_reduction_convs(proto) == {convs[0]: 9, convs[2]: 9}
+    assert ort.short_reduction_convs(proto, min_terms=73) == {convs[0]: 9, convs[2]: 9, convs[3]: 72}
+
+
+def _first_maxpool_input_producer(path, tmp_path, **session_kw):
+    optimized = tmp_path / "optimized.onnx"
+    wonnx.session(path, optimized_path=optimized, optimization="extended", **session_kw)
+    graph = onnx.load(str(optimized)).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    pool = next(n for n in graph.node if "MaxPool" in n.op_type)
+    return producer.get(pool.input[0])
+
+
+def test_static_keeps_the_stem_conv_in_float_and_sessions_keep_the_pool_in_float(cnn, data, tmp_path):
+    fp32_convs = [n.name for n in onnx.load(str(cnn[1])).graph.node if n.op_type == "Conv"]
+    q = ort.quantize(cnn[1], tmp_path / "keep.onnx", mode="static", calibration=data.X_train)
+    assert q.kept_float == (fp32_convs[0],) and "kept in float" in q.reason
+    proto = onnx.load(q.path)
+    stem = next(n for n in proto.graph.node if n.name == fp32_convs[0])
+    assert stem.op_type == "Conv" and stem.input[0] == "input"  # fed the float input directly, no DequantizeLinear
+    assert wonnx.disabled_optimizers(q.path) == ["QDQPropagationTransformer"]
+    # ORT's propagation would lift the QuantizeLinear above the first MaxPool (a slow uint8 NCHW
+    # kernel); the session the workbench opens reads the model's metadata and leaves it out.
+    assert _first_maxpool_input_producer(q.path, tmp_path) != "QuantizeLinear"
+    assert _first_maxpool_input_producer(q.path, tmp_path, disabled=[]) == "QuantizeLinear"
+    X = data.X_test
+    assert _agreement(_outputs(q.path, X), _outputs(cnn[1], X)) >= 0.97
+
+    everything = ort.quantize(cnn[1], tmp_path / "all.onnx", mode="static", calibration=data.X_train, keep_float=None)
+    assert everything.kept_float == () and wonnx.disabled_optimizers(everything.path) == []
+    graph = onnx.load(everything.path).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    assert all(producer.get(n.input[0]) == "DequantizeLinear" for n in graph.node if n.op_type == "Conv")
+    dynamic = ort.quantize(cnn[1], tmp_path / "dyn.onnx", mode="dynamic")
+    assert dynamic.kept_float == () and dynamic.ops.get("ConvInteger") == 2  # "auto" keeps nothing for dynamic
+    named = ort.quantize(cnn[1], tmp_path / "named.onnx", mode="dynamic", keep_float=fp32_convs)
+    assert named.kept_float == tuple(fp32_convs) and "ConvInteger" not in named.ops
+
+
+@pytest.mark.parametrize(("keep_float", "match"), [
+    ("all", "keep_float must be 'auto', None or a list of node names, got 'all'"),
+    (["conv_one"], r"keep_float names node\(s\) 'conv_one' that the model does not have; its nodes are: "),
+])
+def test_bad_keep_float_is_named(cnn, data, tmp_path, keep_float, match):
+    with pytest.raises(WorkbenchError, match=match):
+        ort.quantize(cnn[1], tmp_path / "q.onnx", mode="static", calibration=data.X_train[:64], keep_float=keep_float)
+
+
 def test_auto_picks_per_family(mlp, cnn, data, tmp_path):
     assert ort.family(mlp[1]) == "linear" and ort.family(cnn[1]) == "conv"
     with warnings.catch_warnings():

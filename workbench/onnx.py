@@ -27,11 +27,14 @@ from torch import nn
 from .errors import WorkbenchError
 from .measure import LatencyStats, latency
 
-__all__ = ["OPSET", "OPT_LEVELS", "PROVIDERS", "export", "check", "load_onnx", "available_providers",
-           "resolve_providers", "session", "run_session", "Parity", "parity", "ort_latency", "profile_events",
+__all__ = ["OPSET", "OPT_LEVELS", "PROVIDERS", "DISABLED_OPTIMIZERS_KEY", "disabled_optimizers", "export", "check",
+           "load_onnx", "available_providers", "resolve_providers", "session", "run_session", "Parity", "parity", "ort_latency", "profile_events",
            "ProviderReport", "provider_report", "optimized_graph", "optimization_levels"]
 
 OPSET = 18
+# A model's metadata can name ORT graph transformers that make it slower (comma-separated); every
+# session the workbench opens leaves them out. workbench.ort.quantize writes it (see there why).
+DISABLED_OPTIMIZERS_KEY = "workbench.ort.disabled_optimizers"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 _OPT_LEVELS = {
@@ -203,9 +206,21 @@ def resolve_providers(providers: str | list[str] | tuple[str, ...] | None) -> li
     return chosen if "CPUExecutionProvider" in chosen else chosen + ["CPUExecutionProvider"]
 
 
+def disabled_optimizers(model: str | os.PathLike | onnx.ModelProto) -> list[str]:
+    """The ORT graph transformers the model's metadata asks sessions to leave out (usually none).
+
+    Example:
+        >>> disabled_optimizers("cnn.int8.onnx")
+        ['QDQPropagationTransformer']
+    """
+    proto = model if isinstance(model, onnx.ModelProto) else load_onnx(model)
+    value = next((m.value for m in proto.metadata_props if m.key == DISABLED_OPTIMIZERS_KEY), "")
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
 def session(path: str | os.PathLike, *, threads: int = 1, optimization: str = "all",
             providers: str | list[str] | None = None, optimized_path: str | os.PathLike | None = None,
-            profile_prefix: str | None = None) -> ort.InferenceSession:
+            profile_prefix: str | None = None, disabled: list[str] | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session with a fixed thread count, graph optimization level and providers.
 
     Args:
@@ -217,6 +232,9 @@ def session(path: str | os.PathLike, *, threads: int = 1, optimization: str = "a
             that is not installed raises a WorkbenchError listing the installed ones.
         optimized_path: also write the graph as optimized for this session to this file.
         profile_prefix: switch ORT's profiler on, writing ``<prefix>_<date>.json`` on ``end_profiling()``.
+        disabled: names of ORT graph transformers to leave out; None takes the list the model's
+            metadata gives (:func:`disabled_optimizers`; an int8 model that keeps some layers in
+            float carries one), [] runs them all.
 
     Returns:
         The ``onnxruntime.InferenceSession``. If ORT could not start the first requested provider
@@ -230,8 +248,9 @@ def session(path: str | os.PathLike, *, threads: int = 1, optimization: str = "a
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise WorkbenchError(f"threads must be an integer >= 1, got {threads!r}")
     p = Path(path)
-    load_onnx(p)
+    proto = load_onnx(p)
     chosen = resolve_providers(providers)
+    disabled = disabled_optimizers(proto) if disabled is None else list(disabled)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -243,7 +262,7 @@ def session(path: str | os.PathLike, *, threads: int = 1, optimization: str = "a
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile_prefix)
     try:
-        sess = ort.InferenceSession(str(p), sess_options=opts, providers=chosen)
+        sess = ort.InferenceSession(str(p), sess_options=opts, providers=chosen, disabled_optimizers=disabled or None)
     except Exception as exc:
         raise WorkbenchError(f"ONNX Runtime could not load {str(p)!r}: {str(exc).splitlines()[0][:300]}") from None
     used = sess.get_providers()

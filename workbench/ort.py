@@ -5,7 +5,9 @@
   attention layers; for convolutions ORT falls back to the slow ``ConvInteger`` kernel.
 * **static QDQ**: weights int8 per output channel, activations uint8 with ranges calibrated on
   real data; the graph carries ``QuantizeLinear``/``DequantizeLinear`` pairs that ORT fuses into
-  integer kernels (``QLinearConv``, ``QGemm``) when the graph optimizations are on.
+  integer kernels (``QLinearConv``, ``QGemm``) when the graph optimizations are on. Convolutions
+  whose dot products are too short for int8 kernels to pay (a stem on 1-3 input channels, a
+  depthwise conv) stay in float: see :func:`short_reduction_convs`.
 * **auto**: static for models with convolutions, dynamic otherwise (Linear, attention); it times
   the int8 model against fp32 and warns when int8 is slower.
 
@@ -33,12 +35,19 @@ from .errors import WorkbenchError
 from .measure import file_bytes, side_by_side
 
 __all__ = ["MODES", "CALIBRATION_METHODS", "ArrayReader", "calibration_reader", "check_calibration", "family",
-           "Quantized", "quantize", "OpProfile", "op_profile", "QDQ_OPS", "cpu_flags", "cpu_report"]
+           "MIN_INT8_REDUCTION", "short_reduction_convs", "Quantized", "quantize", "OpProfile", "op_profile", "QDQ_OPS", "cpu_flags", "cpu_report"]
 
 MODES = ("dynamic", "static", "auto")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 _CONV_OPS = ("Conv", "ConvTranspose")
+# A convolution's dot products have (input channels / groups) x kernel height x kernel width terms.
+# Measured here (AVX-512 VNNI, batch 64, one thread, static QDQ): every conv with fewer than 64
+# terms ran slower in int8 than in fp32 (1->32 3x3: 0.24x; 3->32 3x3: 0.45x; 7->32 3x3: 0.74x;
+# depthwise 3x3: 0.8-0.9x), every one with 72 or more faster (8->32 3x3: 1.7x; 32->64 3x3: 2.5x).
+# Short dot products leave the int8 kernels' wide lanes mostly empty while the float path
+# (NCHWc blocks) handles them well.
+MIN_INT8_REDUCTION = 64
 
 
 def _ortq():
@@ -195,6 +204,36 @@ def family(model: str | os.PathLike | onnx.ModelProto) -> str:
     return "conv" if any(n.op_type in _CONV_OPS for n in proto.graph.node) else "linear"
 
 
+def short_reduction_convs(model: str | os.PathLike | onnx.ModelProto, *,
+                          min_terms: int = MIN_INT8_REDUCTION) -> dict[str, int]:
+    """The Conv nodes whose dot products have fewer than `min_terms` terms, by node name.
+
+    A convolution computes, for each output value, a dot product over (input channels / groups)
+    x kernel height x kernel width terms. Int8 kernels process those terms in wide blocks; with
+    a short reduction (the first conv on 1-3 image channels, a depthwise conv) the blocks are
+    mostly padding and the int8 node measures slower than the float one, so static quantization
+    keeps such nodes in float (see :data:`MIN_INT8_REDUCTION` for the measurements).
+
+    Returns:
+        ``{node name: number of terms}`` for each such Conv node (empty if none).
+
+    Example:
+        >>> short_reduction_convs("cnn.onnx")
+        {'node_conv2d': 9}
+    """
+    proto = model if isinstance(model, onnx.ModelProto) else wonnx.load_onnx(model)
+    shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    short = {}
+    for node in proto.graph.node:
+        if node.op_type != "Conv" or not node.name or len(node.input) < 2 or node.input[1] not in shapes:
+            continue  # (an unnamed node cannot be excluded by name)
+        weight = shapes[node.input[1]]  # (out channels, in channels / groups, *kernel)
+        terms = int(np.prod(weight[1:]))
+        if terms < min_terms:
+            short[node.name] = terms
+    return short
+
+
 @dataclass(frozen=True)
 class Quantized:
     """An int8 ONNX model written by :func:`quantize`, and how it was made."""
@@ -209,6 +248,7 @@ class Quantized:
     speedup: float | None = None
     batch: int | None = None
     ops: dict[str, int] = field(default_factory=dict)
+    kept_float: tuple[str, ...] = ()
 
     @property
     def size_ratio(self) -> float:
@@ -230,8 +270,8 @@ def _clean_copy(proto: onnx.ModelProto, path: Path) -> Path:
 
 def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *, mode: str = "auto",
              calibration: Any = None, per_channel: bool | None = None, reduce_range: bool = False,
-             calibrate_method: str = "minmax", check_speed: bool | None = None, batch: int = 64,
-             threads: int = 1) -> Quantized:
+             calibrate_method: str = "minmax", keep_float: str | Iterable[str] | None = "auto",
+             check_speed: bool | None = None, batch: int = 64, threads: int = 1) -> Quantized:
     """Quantize an fp32 ONNX model to int8 with ONNX Runtime.
 
     Args:
@@ -247,6 +287,14 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *, mode:
         reduce_range: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate
             the 16-bit intermediate sums (see :func:`cpu_report`).
         calibrate_method: "minmax", "percentile" or "entropy".
+        keep_float: nodes left in fp32. "auto": for static, the convolutions with too short a
+            reduction to gain from int8 (:func:`short_reduction_convs`); for dynamic, none. A list
+            of node names keeps exactly those; None (or an empty list) quantizes every node.
+            A static model with float nodes names ORT's QDQPropagationTransformer in its metadata
+            (:data:`workbench.onnx.DISABLED_OPTIMIZERS_KEY`): :func:`workbench.onnx.session`
+            leaves it out, and in your own code pass
+            ``onnxruntime.InferenceSession(path, disabled_optimizers=["QDQPropagationTransformer"])``;
+            with it, the quantization moves above the next MaxPool and the model runs slower than fp32.
         check_speed: time int8 against fp32 (interleaved, `batch` examples, `threads` threads) and
             warn when int8 is slower; default on for "auto".
         batch: the batch size of that check (zeros shaped like the input unless calibration
@@ -276,6 +324,9 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *, mode:
     else:
         chosen, reason = mode, f"{mode} (as requested)"
     per_channel = (chosen == "static") if per_channel is None else bool(per_channel)
+    kept = _kept_float(proto, keep_float, chosen)
+    if kept:
+        reason += f"; kept in float: {', '.join(kept)}" + (" (reduction too short for int8)" if keep_float == "auto" else "")
     check_speed = (mode == "auto") if check_speed is None else bool(check_speed)
     q = _ortq()
     out = Path(out_path)
@@ -300,14 +351,16 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *, mode:
         try:
             if chosen == "dynamic":
                 q.quantize_dynamic(str(src), str(tmp_out), weight_type=q.QuantType.QInt8, per_channel=per_channel,
-                                   reduce_range=reduce_range)
+                                   reduce_range=reduce_range, nodes_to_exclude=list(kept))
             else:
                 method = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                           "entropy": q.CalibrationMethod.Entropy}[calibrate_method]
                 q.quantize_static(str(src), str(tmp_out), _ListReader(feeds), quant_format=q.QuantFormat.QDQ,
                                   per_channel=per_channel, reduce_range=reduce_range,
                                   activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                                  calibrate_method=method)
+                                  calibrate_method=method, nodes_to_exclude=list(kept))
+            if kept:
+                _disable_qdq_propagation(tmp_out)
             os.replace(tmp_out, out)
         except WorkbenchError:
             raise
@@ -334,7 +387,40 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *, mode:
                 + ". Keep the fp32 model or change the mode.", stacklevel=2)
     return Quantized(path=str(out), mode=chosen, fp32_path=str(fp32_path), fp32_bytes=file_bytes(fp32_path),
                      int8_bytes=file_bytes(out), per_channel=per_channel, reason=reason, speedup=speedup,
-                     batch=batch if check_speed else None, ops=ops)
+                     batch=batch if check_speed else None, ops=ops, kept_float=kept)
+
+
+# ORT's QDQPropagationTransformer moves a QuantizeLinear up across value-preserving ops. Where
+# a float conv feeds ReLU -> MaxPool -> int8 conv, it lifts the quantization above the MaxPool,
+# which then runs on a generic uint8 NCHW kernel: measured here, the CNN with its first conv in
+# float ran 0.57x of fp32 with the transformer and 2.4x without it (all-int8: 1.36x either way).
+_PROPAGATION = "QDQPropagationTransformer"
+
+
+def _disable_qdq_propagation(path: Path) -> None:
+    model = onnx.load(str(path))
+    entry = next((m for m in model.metadata_props if m.key == wonnx.DISABLED_OPTIMIZERS_KEY), None)
+    if entry is None:
+        entry = model.metadata_props.add()
+        entry.key = wonnx.DISABLED_OPTIMIZERS_KEY
+    entry.value = _PROPAGATION
+    onnx.save(model, str(path))
+
+
+def _kept_float(proto: onnx.ModelProto, keep_float: str | Iterable[str] | None, mode: str) -> tuple[str, ...]:
+    if keep_float is None:
+        return ()
+    if isinstance(keep_float, str):
+        if keep_float != "auto":
+            raise WorkbenchError(f"keep_float must be 'auto', None or a list of node names, got {keep_float!r}")
+        return tuple(short_reduction_convs(proto)) if mode == "static" else ()
+    names = tuple(keep_float)
+    known = [n.name for n in proto.graph.node]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise WorkbenchError(f"keep_float names node(s) {', '.join(map(repr, unknown))} that the model does not have; "
+                             f"its nodes are: {', '.join(known[:40])}{' ...' if len(known) > 40 else ''}")
+    return names
 
 
 def _speedup(fp32: str | os.PathLike, int8: str | os.PathLike, x: np.ndarray | None, proto: onnx.ModelProto, *,

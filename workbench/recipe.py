@@ -38,7 +38,7 @@ from .train import OPTIMIZERS, evaluate, fit, show_progress
 __all__ = ["Recipe", "Result", "run", "sweep", "load_model", "cache_dir", "RESULT_VERSION"]
 
 # Bump when Result's fields or the meaning of a measurement change: old cache entries then miss.
-RESULT_VERSION = 5
+RESULT_VERSION = 6
 PRUNE_KINDS = ("unstructured", "structured")
 SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 COMPRESSION_FIELDS = ("prune_amount", "prune_kind", "prune_scope", "prune_schedule", "prune_steps",
@@ -532,7 +532,8 @@ def _ort_quantize(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path
 
     history["ort_quant"] = {"mode": q.mode, "reason": q.reason, "per_channel": q.per_channel,
                             "fp32_onnx_bytes": q.fp32_bytes, "int8_onnx_bytes": q.int8_bytes,
-                            "torch_accuracy": test.accuracy, "torch_val_accuracy": val.accuracy, "ops": q.ops}
+                            "torch_accuracy": test.accuracy, "torch_val_accuracy": val.accuracy, "ops": q.ops,
+                            "kept_float": list(q.kept_float)}
     fp32.unlink()
     return ort_eval(ds.X_test, ds.y_test), ort_eval(ds.X_val, ds.y_val)
 
