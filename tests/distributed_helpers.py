@@ -4,7 +4,9 @@
 
 Modes: ``ok`` (one all-reduce, report the port), ``raise`` (rank `--rank` raises after a few
 steps), ``hang`` (rank `--rank` stops taking part, so its peers wait in a collective until its
-timeout), ``sleep`` (every rank sleeps: only the launcher's own timeout ends it).
+timeout), ``sleep`` (every rank sleeps: only the launcher's own timeout ends it), ``abort`` (rank
+`--rank` dies of SIGABRT, as native code does when a C++ error reaches std::terminate), ``abort-at-exit``
+(the same after it wrote its results).
 """
 
 import argparse
@@ -19,7 +21,7 @@ from workbench.distributed import worker
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("ok", "raise", "hang", "sleep"), default="ok")
+    parser.add_argument("--mode", choices=("ok", "raise", "hang", "sleep", "abort", "abort-at-exit"), default="ok")
     parser.add_argument("--rank", type=int, default=1)
     args = parser.parse_args()
     w = worker.init(what="distributed_helpers")
@@ -30,11 +32,15 @@ def main() -> None:
                 raise RuntimeError(f"injected failure on rank {w.rank} at step {step}")
             if args.mode == "hang":
                 time.sleep(3600)
+            if args.mode == "abort":
+                os.abort()
         if args.mode == "sleep":
             time.sleep(3600)
         dist.all_reduce(t)
         worker.log(w, f"step {step}")
     worker.write_result(w, {"sum": t.tolist(), "pid": os.getpid()})
+    if args.mode == "abort-at-exit" and w.rank == args.rank:
+        os.abort()
 
 
 if __name__ == "__main__":

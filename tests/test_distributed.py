@@ -379,6 +379,26 @@ def test_a_rank_killed_mid_training_is_reported_fast_and_nothing_is_left():
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
 
 
+def test_a_native_crash_is_named_with_the_python_stack_at_the_signal():
+    env, tag = tagged(HELPERS)
+    with pytest.raises(LaunchError) as err:
+        launch("distributed_helpers", 2, ["--mode", "abort", "--rank", "1"], env=env, progress=False, timeout=120)
+    message = str(err.value)
+    assert "failed on rank 1 of 2: killed by SIGABRT (exit code -6): a fatal error in native code" in message
+    assert "Python stacks at the signal (faulthandler):" in message and "distributed_helpers.py" in message
+    assert live_processes(tag) == []
+
+
+def test_a_crash_after_every_rank_wrote_its_results_keeps_them_and_warns():
+    env, tag = tagged(HELPERS)
+    with pytest.warns(RuntimeWarning, match=r"every rank wrote its results, then rank 1 killed by SIGABRT .* after "
+                                            r"it had written its results .*; the results are complete and kept"):
+        results = launch("distributed_helpers", 2, ["--mode", "abort-at-exit", "--rank", "1"], env=env,
+                         progress=False, timeout=120)
+    assert [r["rank"] for r in results] == [0, 1] and results[0]["sum"] == results[1]["sum"] == [32.0] * 4
+    assert live_processes(tag) == []
+
+
 def test_a_hung_peer_fails_its_collective_after_the_timeout():
     env, tag = tagged(HELPERS)
     t0 = time.monotonic()

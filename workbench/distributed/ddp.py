@@ -27,6 +27,7 @@ communication hook or a comma-separated list (each trained in turn from the same
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -225,6 +226,9 @@ def train(cfg: DDPConfig, w: worker.Worker, data: Dataset | None = None) -> tupl
                           f"val acc {val.accuracy:.4f}, {dt:.2f} s, {stats.sent_bytes / 1e6:.2f} MB sent")
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
+    # Drop the DDP wrapper (its reducer holds the group and the hook's state) before the group goes.
+    del ddp, opt, state, hook
+    gc.collect()
     dist.destroy_process_group(group)
     result = {"config": asdict(cfg), "epochs": epochs, "steps": step, "train_seconds": seconds,
               "examples_per_s": examples / max(seconds, 1e-9),

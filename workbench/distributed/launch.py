@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -183,7 +184,9 @@ def _failures(output: str, results: Path, nprocs: int) -> list[RankFailure]:
             text = f"{e['type']}: {e['message']}".strip().rstrip(".")
             order = (1, e["time"])
         elif code is not None and code < 0 and -code != signal.SIGTERM:
-            text = f"killed by {_signal_name(code)} (exit code {code}), e.g. by the out-of-memory killer or a user"
+            text = _signal_text(code)
+            if (results / f"rank{rank}.json").is_file():
+                text += " after it had written its results (so while shutting down)"
             order = (0, 0.0)
         elif code is not None and code < 0:
             text = f"stopped by torchrun ({_signal_name(code)}) after another rank failed"
@@ -194,11 +197,36 @@ def _failures(output: str, results: Path, nprocs: int) -> list[RankFailure]:
         else:
             continue
         tb = errors.get(rank, {}).get("traceback", "")
+        if not tb and code is not None and code < 0 and -code != signal.SIGTERM:
+            tb = _native_report(output, results / f"rank{rank}.fault.txt")
         failures.append((order, torchrun_root, RankFailure(rank, code, text, traceback=tb)))
     # Tie-break equal orders by torchrun's root cause, then by rank.
     failures.sort(key=lambda t: (t[0], not t[1], t[2].rank))
     return [RankFailure(f.rank, f.exitcode, f.error, root_cause=(i == 0), traceback=f.traceback)
             for i, (_, _, f) in enumerate(failures)]
+
+
+def _signal_text(code: int) -> str:
+    sig = -code
+    why = {signal.SIGKILL: "e.g. by the out-of-memory killer or a user",
+           signal.SIGABRT: "a fatal error in native code (torch, gloo) called abort()",
+           signal.SIGSEGV: "a crash in native code (torch, gloo)",
+           signal.SIGBUS: "a crash in native code (torch, gloo)"}.get(sig, "a signal from outside the job")
+    return f"killed by {_signal_name(code)} (exit code {code}): {why}"
+
+
+# What native code prints on its way down (C++ exceptions that reach std::terminate, gloo's checks).
+_NATIVE = re.compile(r"terminate called|what\(\)|enforce fail|Fatal Python error|Segmentation fault|Aborted")
+
+
+def _native_report(output: str, fault_file: Path) -> str:
+    """The native error lines of the job's output and the rank's Python stacks at the signal."""
+    lines = [ln for ln in output.splitlines() if _NATIVE.search(ln)][-6:]
+    try:
+        stacks = [ln for ln in fault_file.read_text().strip().splitlines() if not ln.startswith("Extension modules:")]
+    except OSError:
+        stacks = []
+    return "\n".join(lines + (["Python stacks at the signal (faulthandler):"] + stacks[:30] if stacks else []))
 
 
 def _read_lines(stream, q: queue.Queue) -> None:
@@ -275,7 +303,9 @@ def launch(module: str, nprocs: int, args: Sequence[str] = (), *, timeout: float
     Raises:
         WorkbenchError: bad arguments.
         LaunchError: a rank failed (the message names the rank and its error), the job ran past
-            `timeout`, or the ranks' results are missing or disagree on the world size.
+            `timeout`, or the ranks' results are missing or disagree on the world size. A rank
+            that dies of a signal after every rank has written its results (a crash while shutting
+            down) is a RuntimeWarning instead, and the results are returned.
 
     Example:
         >>> results = launch("workbench.distributed.allreduce", 2, ["--numel", "1000"])  # doctest: +SKIP
@@ -327,8 +357,18 @@ def launch(module: str, nprocs: int, args: Sequence[str] = (), *, timeout: float
                 raise LaunchError(f"torchrun failed (exit code {code}) before any rank reported:\n{_tail(output)}",
                                   output=output)
             root = failures[0]
-            detail = (f"rank {root.rank}'s traceback:\n  " + "\n  ".join(root.traceback.strip().splitlines()[-12:])
-                      if root.traceback else _tail(output))
+            if (all((results / f"rank{r}.json").is_file() for r in range(nprocs))
+                    and all(f.exitcode is not None and f.exitcode < 0 for f in failures)
+                    and not any(results.glob("rank*.error.json"))):
+                # Every rank finished its work and wrote its results; a crash while tearing down
+                # (gloo's threads at interpreter exit) does not change them. Say so, keep them.
+                warnings.warn(f"{module}: every rank wrote its results, then rank {root.rank} {root.error}; the "
+                              f"results are complete and kept.\n{root.traceback}", RuntimeWarning, stacklevel=2)
+                return _collect(results, module, nprocs, output)
+            report = root.traceback.strip().splitlines()
+            native = root.exitcode is not None and root.exitcode < 0  # a native report, already trimmed
+            detail = (f"rank {root.rank}'s {'report' if native else 'traceback'}:\n  "
+                      + "\n  ".join(report if native else report[-12:]) if report else _tail(output))
             raise LaunchError(
                 f"{module} failed on rank {root.rank} of {nprocs}: {root.error}{_summary(failures[1:], 'then ')}. "
                 f"torchrun stopped the job; no process is left.\n{detail}", failures, output)

@@ -5,7 +5,8 @@ sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT
 process. :func:`launch.launch` adds three variables of its own:
 
 - ``WORKBENCH_DIST_RESULTS``: a folder where rank ``r`` writes ``rank{r}.json`` (its results)
-  or ``rank{r}.error.json`` (the exception that killed it), which the launcher collects;
+  or ``rank{r}.error.json`` (the exception that killed it), which the launcher collects, and
+  ``rank{r}.fault.txt`` (the Python stacks at a fatal signal: SIGABRT, SIGSEGV, ... from native code);
 - ``WORKBENCH_DIST_TIMEOUT_S``: the timeout of every collective, so a rank whose peer is gone
   fails instead of waiting forever;
 - ``WORKBENCH_LAUNCH_ID``: a tag the launcher uses to find (and kill) any process left behind.
@@ -14,6 +15,8 @@ process. :func:`launch.launch` adds three variables of its own:
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import gc
 import json
 import os
 import sys
@@ -158,6 +161,12 @@ def run_main(main: Callable[[], None]) -> None:
     The launcher reads the file to say *which* rank failed and *why* (torchrun alone reports
     only exit codes). The process group is always destroyed, so no rank exits holding sockets.
     """
+    folder = os.environ.get(RESULTS_ENV)
+    if folder:
+        # A crash in native code (gloo, torch) kills the process with a signal and no Python
+        # exception; faulthandler still writes every thread's Python stack, for the launcher to show.
+        fault = open(Path(folder) / f"rank{os.environ.get('RANK', '?')}.fault.txt", "w")  # noqa: SIM115 (open until exit)
+        faulthandler.enable(file=fault, all_threads=True)
     try:
         main()
     except BaseException as exc:
@@ -169,6 +178,9 @@ def run_main(main: Callable[[], None]) -> None:
             })
         raise
     finally:
+        # Free DDP reducers, hooks and pending work while the interpreter is whole: left to
+        # interpreter shutdown, gloo's threads can release Python objects after the GIL is gone.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.stdout.flush()
