@@ -28,8 +28,9 @@ from .errors import WorkbenchError
 from .measure import LatencyStats, latency
 
 __all__ = ["OPSET", "OPT_LEVELS", "PROVIDERS", "DISABLED_OPTIMIZERS_KEY", "disabled_optimizers", "export", "check",
-           "load_onnx", "available_providers", "resolve_providers", "session", "run_session", "Parity", "parity", "ort_latency", "profile_events",
-           "ProviderReport", "provider_report", "optimized_graph", "optimization_levels"]
+           "load_onnx", "available_providers", "resolve_providers", "session", "run_session", "Parity", "parity",
+           "ort_latency", "profile_events", "ProviderReport", "provider_report", "optimized_graph",
+           "optimization_levels"]
 
 OPSET = 18
 # A model's metadata can name ORT graph transformers that make it slower (comma-separated); every
@@ -262,7 +263,8 @@ def session(path: str | os.PathLike, *, threads: int = 1, optimization: str = "a
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile_prefix)
     try:
-        sess = ort.InferenceSession(str(p), sess_options=opts, providers=chosen, disabled_optimizers=disabled or None)
+        sess = ort.InferenceSession(str(p), sess_options=opts, providers=chosen,
+                                    disabled_optimizers=disabled or None)
     except Exception as exc:
         raise WorkbenchError(f"ONNX Runtime could not load {str(p)!r}: {str(exc).splitlines()[0][:300]}") from None
     used = sess.get_providers()

@@ -35,7 +35,8 @@ from .errors import WorkbenchError
 from .measure import file_bytes, side_by_side
 
 __all__ = ["MODES", "CALIBRATION_METHODS", "ArrayReader", "calibration_reader", "check_calibration", "family",
-           "MIN_INT8_REDUCTION", "short_reduction_convs", "Quantized", "quantize", "OpProfile", "op_profile", "QDQ_OPS", "cpu_flags", "cpu_report"]
+           "MIN_INT8_REDUCTION", "short_reduction_convs", "Quantized", "quantize", "OpProfile", "op_profile",
+           "QDQ_OPS", "cpu_flags", "cpu_report"]
 
 MODES = ("dynamic", "static", "auto")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -326,7 +327,8 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *, mode:
     per_channel = (chosen == "static") if per_channel is None else bool(per_channel)
     kept = _kept_float(proto, keep_float, chosen)
     if kept:
-        reason += f"; kept in float: {', '.join(kept)}" + (" (reduction too short for int8)" if keep_float == "auto" else "")
+        reason += f"; kept in float: {', '.join(kept)}"
+        reason += " (reduction too short for int8)" if keep_float == "auto" else ""
     check_speed = (mode == "auto") if check_speed is None else bool(check_speed)
     q = _ortq()
     out = Path(out_path)
@@ -359,8 +361,10 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *, mode:
                                   per_channel=per_channel, reduce_range=reduce_range,
                                   activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                                   calibrate_method=method, nodes_to_exclude=list(kept))
-            if kept:
-                _disable_qdq_propagation(tmp_out)
+            written = onnx.load(str(tmp_out))
+            if kept and chosen == "static":
+                _disable_qdq_propagation(written)
+                onnx.save(written, str(tmp_out))
             os.replace(tmp_out, out)
         except WorkbenchError:
             raise
@@ -371,7 +375,7 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *, mode:
             logging.getLogger().removeFilter(quiet)
             Path(tmp_out).unlink(missing_ok=True)
     ops: dict[str, int] = {}
-    for node in onnx.load(str(out)).graph.node:
+    for node in written.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     speedup = None
     if check_speed:
@@ -397,14 +401,12 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, *, mode:
 _PROPAGATION = "QDQPropagationTransformer"
 
 
-def _disable_qdq_propagation(path: Path) -> None:
-    model = onnx.load(str(path))
+def _disable_qdq_propagation(model: onnx.ModelProto) -> None:
     entry = next((m for m in model.metadata_props if m.key == wonnx.DISABLED_OPTIMIZERS_KEY), None)
     if entry is None:
         entry = model.metadata_props.add()
         entry.key = wonnx.DISABLED_OPTIMIZERS_KEY
     entry.value = _PROPAGATION
-    onnx.save(model, str(path))
 
 
 def _kept_float(proto: onnx.ModelProto, keep_float: str | Iterable[str] | None, mode: str) -> tuple[str, ...]:

@@ -165,8 +165,8 @@ def run_main(main: Callable[[], None]) -> None:
     if folder:
         # A crash in native code (gloo, torch) kills the process with a signal and no Python
         # exception; faulthandler still writes every thread's Python stack, for the launcher to show.
-        fault = open(Path(folder) / f"rank{os.environ.get('RANK', '?')}.fault.txt", "w")  # noqa: SIM115 (open until exit)
-        faulthandler.enable(file=fault, all_threads=True)
+        fault_path = Path(folder) / f"rank{os.environ.get('RANK', '?')}.fault.txt"
+        faulthandler.enable(file=open(fault_path, "w"), all_threads=True)  # noqa: SIM115 (open until exit)
     try:
         main()
     except BaseException as exc:
