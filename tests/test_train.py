@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from workbench import WorkbenchError, build, load
-from workbench.train import evaluate, fit
+from workbench.train import Evaluation, evaluate, fit
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,20 @@ def test_evaluate_matches_a_hand_computation(digits):
     ev = evaluate(model, digits.X_val, digits.y_val)
     with torch.no_grad():
         logits = model(digits.X_val)
-    assert ev.accuracy == pytest.approx((logits.argmax(1) == digits.y_val).float().mean().item())
+    correct = int((logits.argmax(1) == digits.y_val).sum())
+    assert ev.correct == correct and ev.n == len(digits.y_val)
+    assert ev.accuracy == correct / len(digits.y_val)  # the exact ratio, correctly rounded: no float32 mean
     assert ev.loss == pytest.approx(F.cross_entropy(logits, digits.y_val).item(), rel=1e-5)
-    assert ev.n == len(digits.y_val)
+
+
+def test_accuracy_is_an_exact_ratio_where_a_float32_mean_is_not():
+    # The bug this prevents: 342 of 360 right is exactly 0.95, but a float32 mean reads 0.94999999.
+    y = torch.zeros(360, dtype=torch.long)
+    logits = torch.zeros(360, 2)
+    logits[342:, 1] = 1.0                       # the last 18 predict class 1: wrong
+    ev = Evaluation.from_logits(logits, y)
+    assert (ev.correct, ev.n) == (342, 360) and ev.accuracy >= 0.95
+    assert float((logits.argmax(1) == y).float().mean()) < 0.95
 
 
 @pytest.mark.parametrize(

@@ -11,19 +11,22 @@ import json
 import os
 import platform
 import statistics
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
 import onnxruntime
 import torch
 
+from . import bars
 from .errors import WorkbenchError
 from .ort import cpu_flags
 from .data import load
 from .quant import packed_bytes as quant_packed_bytes
 from .recipe import Recipe, Result, run, sweep
 
-__all__ = ["BASELINES", "GROUPS", "KD_SEEDS", "KD_STUDENT", "KD_TEACHER", "distillation_runs", "machine_info", "run_bench", "write_json"]
+__all__ = ["BASELINES", "GROUPS", "KD_SEEDS", "KD_STUDENT", "KD_TEACHER", "MARGIN_SEEDS", "distillation_runs",
+           "machine_info", "run_bench", "seed_margins", "write_json"]
 
 # The five baselines of chapter 2 (name -> recipe). The notebook trains exactly these, so the
 # book, the bench and the cache agree. Settings were chosen by validation accuracy.
@@ -51,6 +54,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": model, "logical_cores": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "torch_threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
+        "numeric_config": bars.numeric_config(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -70,12 +74,44 @@ def baseline(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple
     """Train (or fetch) the five baselines; accuracy, ONNX parity and ORT-vs-torch latency."""
     results = dict(zip(BASELINES, sweep(BASELINES.values(), cache=cache, progress=progress)))
     rows = [_row(name, r) for name, r in results.items()]
-    figures = {f"baseline_acc_{name}": r.accuracy for name, r in results.items()}
+    figures: dict[str, Any] = {f"baseline_acc_{name}": bars.accuracy(r) for name, r in results.items()}
     figures["onnx_parity_max_abs_err"] = max(r.onnx_max_abs_err for r in results.values())
     figures["onnx_top1_agreement"] = min(r.onnx_top1_agreement for r in results.values())
     # Each ratio is torch p50 / ORT p50 for the same model measured side by side in one run();
     # the figure is the median over the five models.
     figures["ort_vs_torch_speedup_b1"] = statistics.median(row["ort_vs_torch_speedup_b1"] for row in rows)
+    return rows, figures
+
+
+# The portability check (README, "Portable numbers"): every baseline over seeds 0..4, each seed its
+# own split and initialisation. A bar with no margin is crossed by one of them.
+MARGIN_SEEDS = (0, 1, 2, 3, 4)
+
+
+def seed_margins(*, cache: str | os.PathLike | None, progress: bool | None,
+                 seeds: tuple[int, ...] = MARGIN_SEEDS) -> tuple[list[dict], dict[str, Any]]:
+    """Each baseline's test count over `seeds`: min / mean / max, and its margin to the bar in images.
+
+    The figure ``baseline_acc_<name>_seed_min`` (the lowest seed, exact) is held to the same bar as
+    ``baseline_acc_<name>``; the runs skip the ONNX export and time one call (only accuracy counts).
+    """
+    rows, figures = [], {}
+    for name, recipe in BASELINES.items():
+        runs = [run(recipe.replace(seed=s, export_onnx=False, latency_repeats=1), cache=cache, progress=progress)
+                for s in seeds]
+        counts = [r.test_correct for r in runs]
+        n = runs[0].test_n
+        figure = f"baseline_acc_{name}"
+        rows += [{"name": name, "seed": s, "correct": r.test_correct, "n": r.test_n,
+                  "val_correct": round(r.val_accuracy * len(load(recipe.dataset, seed=s).y_val)),
+                  "margin_images": bars.margin_images(figure, r.test_correct, r.test_n)}
+                 for s, r in zip(seeds, runs)]
+        figures[f"{figure}_seed_min"] = Fraction(min(counts), n)
+        figures[f"margin_{name}_min_correct"] = min(counts)
+        figures[f"margin_{name}_mean_correct"] = statistics.fmean(counts)
+        figures[f"margin_{name}_max_correct"] = max(counts)
+        figures[f"margin_{name}_needed"] = bars.BARS[figure].count_needed(n)
+        figures[f"margin_{name}_min_images"] = bars.margin_images(figure, min(counts), n)
     return rows, figures
 
 
@@ -86,8 +122,7 @@ PRUNE_UNSTRUCTURED = BASELINES["lenet300_digits28"]
 PRUNE_STRUCTURED = Recipe(model="cnn", dataset="digits28", epochs=10)
 
 
-def _drop_pp(dense: Result, pruned: Result) -> float:
-    return 100.0 * (dense.accuracy - pruned.accuracy)
+_drop_pp = bars.drop_pp  # exact, from the test counts of the two runs
 
 
 def pruning(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
@@ -115,6 +150,9 @@ def pruning(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[
     figures["prune_channels_50_macs_reduction"] = cnn.macs / small.macs
     figures["prune_channels_50_params_reduction"] = cnn.params / small.params
     figures["prune_channels_50_latency_speedup"] = stats["dense"].p50_us / stats["pruned"].p50_us
+    # The bar: latency follows at least 60% of the MACs reduction.
+    figures["prune_channels_50_speedup_per_macs"] = (figures["prune_channels_50_latency_speedup"]
+                                                     / figures["prune_channels_50_macs_reduction"])
     figures["prune_channels_50_acc_drop_pp"] = _drop_pp(cnn, small)
 
     # The explorer's promise: a point computed before answers in <= 0.3 s (cache hit + redraw).
@@ -211,13 +249,14 @@ def _distillation(*, cache: str | os.PathLike | None,
     ``kd_gap_closed`` = (distilled - alone) / (teacher - alone), each a mean over KD_SEEDS.
     """
     per_seed = {seed: distillation_runs(seed, cache=cache, progress=progress) for seed in KD_SEEDS}
-    mean = {k: statistics.fmean(runs[k].accuracy for runs in per_seed.values())
+    # Exact means of exact accuracies, so that "gain > 0" is decided by counts, not rounding.
+    mean = {k: sum(bars.accuracy(runs[k]) for runs in per_seed.values()) / len(per_seed)
             for k in ("teacher", "alone", "distilled")}
     gap = mean["teacher"] - mean["alone"]
     figures = {
         "kd_teacher_acc": mean["teacher"], "kd_student_alone_acc": mean["alone"],
         "kd_student_distilled_acc": mean["distilled"],
-        "kd_gain_pp": 100.0 * (mean["distilled"] - mean["alone"]),
+        "kd_gain_pp": 100 * (mean["distilled"] - mean["alone"]),
         "kd_gap_closed": (mean["distilled"] - mean["alone"]) / gap if gap > 0 else float("nan"),
         "kd_param_ratio": per_seed[KD_SEEDS[0]]["alone"].params / per_seed[KD_SEEDS[0]]["teacher"].params,
     }
@@ -268,15 +307,19 @@ def serving(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[
     return _serving(cache=cache, progress=progress)
 
 
-GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, float]]]] = {
+GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, Any]]]] = {
     "baseline": baseline, "pruning": pruning, "quant": quant, "deploy": deploy, "distributed": distributed,
-    "serving": serving}
+    "serving": serving, "margins": seed_margins}
 
 
 def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None = None,
               progress: bool | None = None) -> dict[str, Any]:
-    """Run the benchmark groups (all, or those in `only`); return ``{"machine", "results", "figures"}``."""
-    names = list(GROUPS) if not only else list(only)
+    """Run the benchmark groups (all but "margins", or those in `only`).
+
+    Returns ``{"machine", "groups", "results", "figures", "bars"}``; "bars" holds every figure that
+    has a bar in :data:`workbench.bars.BARS` with its value, the bar and whether it was met.
+    """
+    names = [g for g in GROUPS if g != "margins"] if not only else list(only)
     unknown = [n for n in names if n not in GROUPS]
     if unknown:
         raise WorkbenchError(f"unknown bench group(s) {', '.join(unknown)}; known groups: {', '.join(GROUPS)}")
@@ -285,7 +328,22 @@ def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None 
         rows, figures = GROUPS[name](cache=cache, progress=progress)
         report["results"] += [{"group": name, **row} for row in rows]
         report["figures"].update(figures)
+    # Every figure with a bar (workbench.bars.BARS), checked exactly: counts and Fractions as such.
+    report["bars"] = bars.evaluate(report["figures"])
+    report["figures"] = {k: _plain(v) for k, v in report["figures"].items()}
     return report
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: an exact Fraction becomes its nearest float."""
+    return float(value) if isinstance(value, Fraction) else value
+
+
+def failed_bars(report: dict[str, Any]) -> list[str]:
+    """One line per figure of `report` that missed its bar (empty: all met)."""
+    config = report["machine"].get("numeric_config", "")
+    return [f"{name} = {b['value']:.6g} misses its bar ({b['bar']}) under {config}"
+            for name, b in report.get("bars", {}).items() if not b["ok"]]
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import fold
+from . import bars, fold
 from . import onnx as wonnx
 from .data import load
 from .measure import side_by_side
@@ -131,7 +131,7 @@ def deploy_figures(*, cache: str | os.PathLike | None = True, progress: bool | N
             figures[f"ort_int8_static_speedup_{name}_b{batch}"] = ort_fp32 / stats[RUNTIMES[3]].p50_us
             figures[f"ort_vs_torch_speedup_{name}_b{batch}"] = stats[RUNTIMES[0]].p50_us / ort_fp32
         best = results[RECOMMENDED[name]]
-        figures[f"ort_int8_acc_drop_pp_{name}"] = 100 * (results["fp32"].accuracy - best.accuracy)
+        figures[f"ort_int8_acc_drop_pp_{name}"] = bars.drop_pp(results["fp32"], best)
         figures[f"ort_int8_size_ratio_{name}"] = results["fp32"].size_onnx_bytes / best.size_onnx_bytes
         if name == "cnn":
             fold_figures, fold_rows = _bn_fold(results, data.X_test[:64])

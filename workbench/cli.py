@@ -196,7 +196,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         print("nodes per provider: " + ", ".join(f"{k} {v}" for k, v in rep.counts().items()))
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
+def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     report = bench.run_bench(args.only, cache=args.cache)
@@ -205,7 +205,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
     width = max(len(k) for k in report["figures"])
     for key, value in report["figures"].items():
-        print(f"{key:<{width}}  {value:.6g}")
+        bar = report["bars"].get(key)
+        mark = "" if bar is None else f"  {'ok  ' if bar['ok'] else 'MISS'} {bar['bar']}"
+        print(f"{key:<{width}}  {value:<12.6g}{mark}")
+    failed = bench.failed_bars(report)
+    for line in failed:
+        print(f"workbench bench: bar missed: {line}", file=sys.stderr)
+    return 1 if failed and args.check else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the benchmark groups and print/write the measured figures")
     p.add_argument("--json", metavar="PATH", help="write {machine, results, figures} as JSON to PATH")
-    p.add_argument("--only", action="append", metavar="GROUP", help="run only this group (repeatable)")
+    p.add_argument("--only", action="append", metavar="GROUP",
+                   help="run only this group (repeatable); 'margins' (not run by default) trains every baseline "
+                        "over seeds 0..4 and checks each seed against its bar")
+    p.add_argument("--check", action="store_true",
+                   help="exit with status 1 if a figure misses its bar (workbench.bars.BARS), one line each")
     p.add_argument("--cache", metavar="DIR", help="result cache folder (default $WORKBENCH_CACHE or ~/.cache/workbench)")
     p.set_defaults(func=cmd_bench)
 
@@ -316,14 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except WorkbenchError as exc:
         print(f"workbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(rc or 0)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from .errors import WorkbenchError
 __all__ = [
     "QParams", "qrange", "qparams_from_range", "compute_qparams", "quantize", "dequantize", "fake_quantize",
     "CALIBRATIONS", "calibrate_range", "sqnr", "QuantConfig", "FakeQuantLayer", "quantize_model",
-    "collect_inputs", "layer_sqnr", "packed_bytes", "int_forward",
+    "collect_inputs", "layer_sqnr", "packed_bytes", "int_forward", "int_float_gap_bound",
 ]
 
 CALIBRATIONS = ("minmax", "moving_average", "percentile", "mse")
@@ -397,3 +397,38 @@ def int_forward(layer: FakeQuantLayer, x: torch.Tensor, out_qp: QParams) -> torc
     m = (acc_scale.reshape(shape) if acc_scale.dim() else acc_scale) / out_qp.scale.double()
     codes = torch.round(acc * m) + out_qp.zero_point.double()
     return torch.clamp(codes, out_qp.qmin, out_qp.qmax).to(torch.int32)
+
+
+def int_float_gap_bound(layer: FakeQuantLayer, x: torch.Tensor, out_qp: QParams) -> torch.Tensor:
+    """How far apart, in output steps, `int_forward` and ``quantize(layer(x), out_qp)`` can be before rounding.
+
+    A float32 error bound, so it holds on any CPU and any summation order (AVX2 or AVX-512 kernels,
+    1 or 2 threads). With unit roundoff ``u = 2^-24`` and ``gamma_n = n u / (1 - n u)``:
+
+    * the float path rounds ``S_x (q_x - Z_x)`` and ``S_w (q_w - Z_w)`` to float32 (``u`` each), sums
+      K products and the bias in some order (at most ``gamma_K`` of ``A = sum |x_hat w_hat| + |b|``
+      for any order, Higham's Theorem 3.1 / 3.5), and multiplies by ``1 / S_y`` rounded (``2u``):
+      in all at most ``gamma_{K+4} A / S_y`` steps;
+    * the integer path rounds the bias to the accumulator grid ``S_x S_w``: at most ``M / 2`` steps,
+      ``M = S_x S_w / S_y``; its double-precision requantization adds ~1e-16 relative.
+
+    Where the bound is below 1, the two output codes differ by at most one: two reals less than one
+    apart round to integers at most one apart. Returns the bound per output element (float64).
+    """
+    a_qp, w_qp = layer.act_qparams(), layer.weight_qparams()
+    x_hat = fake_quantize(x, a_qp).detach().double().abs()
+    w_hat = layer.quantized_weight().detach().double().abs()
+    lay = layer.layer
+    bias = lay.bias.detach().double().abs() if lay.bias is not None else None
+    if isinstance(lay, nn.Linear):
+        k = w_hat.shape[1]
+        total = F.linear(x_hat, w_hat, bias)
+    else:
+        k = w_hat[0].numel()
+        total = F.conv2d(x_hat, w_hat, bias, lay.stride, lay.padding, lay.dilation, lay.groups)
+    u = 2.0 ** -24
+    gamma = (k + 4) * u / (1 - (k + 4) * u)
+    shape = [1, -1] + [1] * (total.dim() - 2)
+    acc_scale = a_qp.scale.double() * w_qp.scale.double()
+    m = (acc_scale.reshape(shape) if acc_scale.dim() else acc_scale) / out_qp.scale.double()
+    return gamma * total / out_qp.scale.double() + (0.5 * m if lay.bias is not None else 0.0)

@@ -38,7 +38,8 @@ from .train import OPTIMIZERS, evaluate, fit, show_progress
 __all__ = ["Recipe", "Result", "run", "sweep", "load_model", "cache_dir", "RESULT_VERSION"]
 
 # Bump when Result's fields or the meaning of a measurement change: old cache entries then miss.
-RESULT_VERSION = 6
+# 7: accuracy counted in integers (test_correct / test_n) instead of a float32 mean.
+RESULT_VERSION = 7
 PRUNE_KINDS = ("unstructured", "structured")
 SENSITIVITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 COMPRESSION_FIELDS = ("prune_amount", "prune_kind", "prune_scope", "prune_schedule", "prune_steps",
@@ -269,11 +270,17 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Result:
-    """What `run` measured for one recipe. Sizes are bytes, latencies microseconds, accuracy in [0, 1]."""
+    """What `run` measured for one recipe. Sizes are bytes, latencies microseconds, accuracy in [0, 1].
+
+    `accuracy` is exactly ``test_correct / test_n`` (images counted on the test split); compare
+    counts, or :func:`workbench.bars.check`, rather than this float against a decimal literal.
+    """
 
     recipe: Recipe
     key: str
     accuracy: float
+    test_correct: int
+    test_n: int
     val_accuracy: float
     test_loss: float
     params: int
@@ -492,7 +499,8 @@ def _measure(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path, key
     sizes = (measure.model_sparse_sizes(plain)["total"]
              if any(isinstance(m, prune.PRUNABLE) for m in plain.modules()) else None)
     return Result(
-        recipe=recipe, key=key, accuracy=test.accuracy, val_accuracy=val.accuracy, test_loss=test.loss,
+        recipe=recipe, key=key, accuracy=test.accuracy, test_correct=test.correct, test_n=test.n,
+        val_accuracy=val.accuracy, test_loss=test.loss,
         params=measure.count_params(net), nonzero_params=measure.count_nonzero(net),
         macs=measure.macs(net, ds.input_shape).total, size_state_dict_bytes=measure.state_dict_bytes(net),
         size_onnx_bytes=measure.file_bytes(onnx_path) if onnx_path else None,
@@ -526,9 +534,7 @@ def _ort_quantize(recipe: Recipe, net: nn.Module, ds: _data.Dataset, entry: Path
     sess = _onnx.session(entry / "model.onnx", threads=recipe.threads)
 
     def ort_eval(X: torch.Tensor, y: torch.Tensor) -> Evaluation:
-        logits = torch.from_numpy(_onnx.run_session(sess, X))
-        return Evaluation(loss=float(torch.nn.functional.cross_entropy(logits, y)),
-                          accuracy=float((logits.argmax(1) == y).float().mean()), n=len(y))
+        return Evaluation.from_logits(torch.from_numpy(_onnx.run_session(sess, X)), y)
 
     history["ort_quant"] = {"mode": q.mode, "reason": q.reason, "per_channel": q.per_channel,
                             "fp32_onnx_bytes": q.fp32_bytes, "int8_onnx_bytes": q.int8_bytes,
