@@ -3,6 +3,7 @@
 #   make test   unit tests + notebooks (nbmake) + the site check in headless Chromium
 #   make lab    JupyterLab on the notebooks, widgets working
 #   make bench  measured figures -> _build/bench.json
+#   make portability  the bars over seeds 0..4 and every notebook under a second numeric configuration
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
@@ -13,8 +14,14 @@ STAMP  := $(VENV)/.installed-stamp
 export WORKBENCH_CACHE ?= $(CURDIR)/.cache/workbench
 # Training progress bars are for people, not for the built site or CI logs.
 BOOK_ENV := WORKBENCH_PROGRESS=0
+# The second numeric configuration of the portability check (README, "Portable numbers"): AVX2
+# kernels in ATen, oneDNN and MKL instead of this CPU's widest, one thread instead of two, and a
+# result cache of its own, so that every asserted figure is computed again the way another x86-64
+# CPU computes it (each of these settings alone changes trained weights bit for bit).
+PORTABLE_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 OMP_NUM_THREADS=1 \
+                WORKBENCH_CACHE=$(CURDIR)/.cache/workbench-avx2
 
-.PHONY: setup book test unit lab bench clean
+.PHONY: setup book test unit lab bench portability clean
 
 setup: $(STAMP)
 
@@ -33,6 +40,14 @@ book: $(STAMP)
 
 test: book
 	$(BOOK_ENV) $(BIN)/python -m pytest tests notebooks --nbmake --nbmake-timeout=180 -p no:cacheprovider
+	$(MAKE) --no-print-directory portability
+
+# Every accuracy bar over seeds 0..4 in both configurations, then every notebook (the chapters'
+# asserted figures) again in the second one. Fails, one line per figure, if a bar has no margin.
+portability: $(STAMP)
+	$(BOOK_ENV) $(BIN)/workbench bench --only margins --check --json _build/margins.json
+	$(BOOK_ENV) env $(PORTABLE_ENV) $(BIN)/workbench bench --only margins --check --json _build/margins-avx2.json
+	$(BOOK_ENV) env $(PORTABLE_ENV) $(BIN)/python -m pytest notebooks --nbmake --nbmake-timeout=300 -p no:cacheprovider
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -p no:cacheprovider

@@ -139,7 +139,15 @@ def test_recipe_fold_bn_measures_the_folded_model(tmp_path):
     dense = run(base, cache=tmp_path, progress=False)
     res = run(base.replace(fold_bn=True), cache=tmp_path, progress=False)
     assert res.history["fold_bn"]["folded"] == ["features.1", "features.5"]
-    assert res.accuracy == pytest.approx(dense.accuracy, abs=1e-9)
+    # Folding moves logits by float32 rounding (~1e-6): a prediction can only change on a test image
+    # whose top two logits are closer than that, on any CPU. Count such near-ties with room (1e-4).
+    from workbench.data import load
+    from workbench.train import predict
+
+    ds = load("digits")
+    top2 = predict(dense.load_model(), ds.X_test).topk(2, dim=1).values
+    near_ties = int(((top2[:, 0] - top2[:, 1]) < 1e-4).sum())
+    assert abs(res.test_correct - dense.test_correct) <= near_ties
     assert res.params < dense.params  # BN's gamma and beta are gone (conv biases added)
     model = load_model(res.checkpoint_path)
     assert not fold.batchnorm_layers(model) and res.onnx_top1_agreement == 1.0

@@ -29,14 +29,18 @@ __all__ = ["BASELINES", "GROUPS", "KD_SEEDS", "KD_STUDENT", "KD_TEACHER", "MARGI
            "machine_info", "run_bench", "seed_margins", "write_json"]
 
 # The five baselines of chapter 2 (name -> recipe). The notebook trains exactly these, so the
-# book, the bench and the cache agree. Settings were chosen by validation accuracy.
+# book, the bench and the cache agree. Settings were chosen by validation accuracy (mean over
+# seeds 0..4): the ViT's warmup + cosine schedule over 60 epochs gave 174.6 of 180 validation
+# images against 172.4 for 40 epochs at a constant rate (label smoothing 0.1: 173.4; random
+# 1-pixel shifts, which move an 8x8 digit by an eighth of its width: 171.4).
 BASELINES: dict[str, Recipe] = {
     "mlp_digits": Recipe(model="mlp", dataset="digits", epochs=40),
     "cnn_digits": Recipe(model="cnn", dataset="digits", epochs=30),
     "lenet300_digits28": Recipe(model="lenet300", dataset="digits28", epochs=30),
     "lenet5_digits28": Recipe(model="lenet5", dataset="digits28", epochs=20, lr=5e-4),
-    "vit_digits": Recipe(model="vit", dataset="digits", epochs=40, lr=2e-3, batch_size=32,
-                         optimizer="adamw", weight_decay=0.05),
+    "vit_digits": Recipe(model="vit", dataset="digits", epochs=60, lr=2e-3, batch_size=32,
+                         optimizer="adamw", weight_decay=0.05, lr_schedule="cosine",
+                         lr_schedule_options={"warmup_epochs": 5}),
 }
 
 
