@@ -43,9 +43,16 @@ def test_readme_ci_and_makefile_agree():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "apt-get update" in ci and "chromium" in ci
     makefile = (ROOT / "Makefile").read_text()
-    for target in ("book", "test", "lab", "bench"):
+    for target in ("book", "test", "lab", "bench", "portability"):
         assert re.search(rf"^{target}:", makefile, re.M), target
     assert "--nbmake" in makefile and "tests" in makefile
+    # The portability check runs in CI (make test) under a second numeric configuration and cache.
+    test_recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "portability" in test_recipe
+    for pin in ("ATEN_CPU_CAPABILITY=avx2", "MKL_CBWR=AVX2", "ONEDNN_MAX_CPU_ISA=AVX2", "OMP_NUM_THREADS=1",
+                "WORKBENCH_CACHE="):
+        assert pin in makefile, pin
+    assert "--only margins --check" in makefile
 
 
 def test_every_notebook_is_in_the_toc():

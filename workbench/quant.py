@@ -372,8 +372,8 @@ def int_forward(layer: FakeQuantLayer, x: torch.Tensor, out_qp: QParams) -> torc
 
     int8-style codes in, int32 accumulation of ``(x_q - Z_x)(w_q - Z_w)``, the bias quantized
     with scale ``S_x S_w`` and zero point 0, then requantization by ``M = S_x S_w / S_y`` to the
-    output's codes. Returns the output codes (int32); ``dequantize(codes, out_qp)`` should equal
-    ``fake_quantize(layer(x), out_qp)`` up to one step where the float rounding of M differs.
+    output's codes. Returns the output codes (int32); they equal ``quantize(layer(x), out_qp)`` up to
+    one step wherever `int_float_gap_bound` is below 1 (compare codes, not dequantized floats).
     """
     if not (layer.config.act_bits and layer.config.weight_bits) or layer.config.granularity == "per-group":
         raise WorkbenchError("the integer reference needs quantized activations and per-tensor or per-channel weights")
