@@ -5,7 +5,7 @@ from fractions import Fraction
 import pytest
 
 from workbench import bars
-from workbench.bench import BASELINES
+from workbench.presets import BASELINES
 from workbench.train import Evaluation
 
 

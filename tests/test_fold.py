@@ -138,7 +138,7 @@ def test_recipe_fold_bn_measures_the_folded_model(tmp_path):
     base = Recipe(model="cnn", dataset="digits", epochs=2, latency_repeats=5, model_options={"channels": [8, 16]})
     dense = run(base, cache=tmp_path, progress=False)
     res = run(base.replace(fold_bn=True), cache=tmp_path, progress=False)
-    assert res.history["fold_bn"]["folded"] == ["features.1", "features.5"]
+    assert res.steps["fold_bn"].folded == ["features.1", "features.5"]
     # Folding moves logits by float32 rounding (~1e-6): a prediction can only change on a test image
     # whose top two logits are closer than that, on any CPU. Count such near-ties with room (1e-4).
     from workbench.data import load

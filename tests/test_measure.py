@@ -40,6 +40,12 @@ def test_macs_of_whole_models_and_per_module_breakdown():
     assert measure.macs(mlp, (1, 28, 28)).total == 784 * 300 + 300 * 100 + 100 * 10
 
 
+def test_macs_on_a_wrong_input_shape_names_it_and_keeps_torchs_error():
+    with pytest.raises(WorkbenchError, match=r"input of shape \(1, 10\) to count MACs: RuntimeError") as info:
+        measure.macs(nn.Linear(784, 300), (10,))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
 def test_counts_and_sizes(tmp_path):
     model = build("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(16,))
     n = 64 * 16 + 16 + 16 * 10 + 10

@@ -287,9 +287,9 @@ def test_recipe_ort_quant_describes_the_int8_model(tmp_path):
     base = Recipe(model="cnn", dataset="digits", epochs=2, latency_repeats=5, model_options={"channels": [8, 16]})
     fp32 = run(base, cache=tmp_path, progress=False)
     res = run(base.replace(ort_quant="static"), cache=tmp_path, progress=False)
-    info = res.history["ort_quant"]
-    assert info["mode"] == "static" and info["torch_accuracy"] == pytest.approx(fp32.accuracy)
-    assert res.size_onnx_bytes == info["int8_onnx_bytes"] < fp32.size_onnx_bytes / 2  # tiny: graph overhead
+    info = res.steps["ort_quant"]
+    assert info.mode == "static" and info.torch_accuracy == pytest.approx(fp32.accuracy)
+    assert res.size_onnx_bytes == info.int8_onnx_bytes < fp32.size_onnx_bytes / 2  # tiny: graph overhead
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(res.onnx_path).graph.node}
     assert abs(res.accuracy - fp32.accuracy) <= 0.02 and res.onnx_top1_agreement >= 0.97
     assert run(base.replace(ort_quant="static"), cache=tmp_path).cached

@@ -203,5 +203,6 @@ def test_untraceable_model_gets_a_clear_error():
                 x = self.a(x)
             return self.b(x)
 
-    with pytest.raises(WorkbenchError, match="could not trace Branchy"):
+    with pytest.raises(WorkbenchError, match="could not trace Branchy") as info:
         prune.channel_prune(Branchy(), 0.5, input_shape=(4,))
+    assert info.value.__cause__ is not None  # torch.fx's own error stays attached

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from workbench import Recipe, Result, WorkbenchError, load, recipe as recipe_mod, run, sweep
+from workbench import Recipe, Result, WorkbenchError, load, run, sweep
+from workbench.recipe import pipeline as pipeline_mod
 from workbench.train import evaluate
 
 FAST = dict(model="mlp", dataset="digits", epochs=2, latency_repeats=5, model_options={"hidden": [32]})
@@ -27,10 +28,22 @@ def test_recipe_is_frozen_hashable_and_round_trips():
     [
         (dict(model="resnet50"), "unknown model 'resnet50'; known models: mlp"),
         (dict(dataset="imagenet"), "unknown dataset 'imagenet'; known datasets: digits"),
-        (dict(epochs=-1), "epochs must be >= 0"),
+        (dict(epochs=-1), r"epochs must be in 0\.\.1,000,000"),
+        (dict(epochs=10**23), r"epochs must be in 0\.\.1,000,000"),
         (dict(epochs=2.5), "epochs must be an integer"),
         (dict(threads=True), "threads must be an integer"),
-        (dict(lr=0.0), "lr must be positive"),
+        (dict(lr=0.0), "lr must be a finite number > 0"),
+        (dict(lr=float("inf")), "lr must be a finite number > 0"),
+        (dict(lr=float("nan")), "lr must be a finite number > 0"),
+        (dict(lr="0.1"), "lr must be a finite number"),
+        (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0"),
+        (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+        (dict(finetune_lr=float("inf"), prune_amount=0.5), "finetune_lr must be a finite number > 0"),
+        (dict(kd_temperature=float("inf"), teacher={"model": "mlp"}), "kd_temperature must be a finite number"),
+        (dict(prune_amount=float("nan")), r"prune_amount must be a fraction in \[0, 1\)"),
+        (dict(prune_exclude="net.1"), "prune_exclude must be a list of layer names"),
+        (dict(model_options=["hidden"]), "model_options must be a mapping"),
+        (dict(model=3), "model must be a string"),
         (dict(optimizer="rmsprop"), "unknown optimizer"),
         (dict(model_options={"hidden": object()}), "plain values"),
     ],
@@ -67,7 +80,7 @@ def test_second_run_and_sweep_are_served_from_cache(first, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("trained again although the result was cached")
 
-    monkeypatch.setattr(recipe_mod, "fit", no_training)
+    monkeypatch.setattr(pipeline_mod, "fit", no_training)
     again = run(Recipe(**FAST), cache=cache)
     assert again.cached and again.accuracy == res.accuracy and again.latency_ort_b1 == res.latency_ort_b1
     assert [r.cached for r in sweep([Recipe(**FAST)] * 2, cache=cache)] == [True, True]
@@ -121,7 +134,7 @@ PRUNE = dict(FAST, model_options={"hidden": [32, 16]})
         (dict(prune_amount=1.0), r"prune_amount must be a fraction in \[0, 1\)"),
         (dict(prune_amount=0.5, prune_kind="random"), "prune_kind must be one of unstructured, structured"),
         (dict(prune_amount=0.5, prune_kind="structured", prune_schedule="gradual"), "structured pruning is one-shot"),
-        (dict(prune_amount=0.5, finetune_lr=-1.0), "finetune_lr must be positive"),
+        (dict(prune_amount=0.5, finetune_lr=-1.0), "finetune_lr must be a finite number > 0"),
     ],
 )
 def test_bad_pruning_settings(changes, message):
@@ -139,8 +152,8 @@ def test_dense_resets_every_compression_setting():
 def test_unstructured_pruning_step_reuses_the_cached_dense_model(tmp_path, monkeypatch):
     dense = run(Recipe(**PRUNE), cache=tmp_path, progress=False)
     calls = []
-    real_fit = recipe_mod.fit
-    monkeypatch.setattr(recipe_mod, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
+    real_fit = pipeline_mod.fit
+    monkeypatch.setattr(pipeline_mod, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
     pruned = run(Recipe(**PRUNE, prune_amount=0.7, finetune_epochs=1), cache=tmp_path, progress=False)
     assert calls == [], "the dense model came from the cache; only fine-tuning (in prune) trained"
     assert pruned.dense_accuracy == dense.accuracy
@@ -157,7 +170,7 @@ def test_unstructured_pruning_step_reuses_the_cached_dense_model(tmp_path, monke
 def test_runs_differing_only_in_measurement_share_the_trained_weights(tmp_path, monkeypatch):
     defaults = Recipe()  # the twin a run looks for has the default measurement settings
     measured = run(Recipe(**{**PRUNE, "latency_repeats": defaults.latency_repeats}), cache=tmp_path, progress=False)
-    monkeypatch.setattr(recipe_mod, "fit", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(pipeline_mod, "fit", lambda *a, **k: pytest.fail("trained again"))
     lean = run(Recipe(**PRUNE, export_onnx=False), cache=tmp_path, progress=False)
     assert not lean.cached and lean.onnx_path is None and lean.accuracy == measured.accuracy
     assert lean.history == measured.history and lean.train_seconds >= measured.train_seconds
@@ -183,7 +196,7 @@ def test_structured_pruning_step_shrinks_the_model_and_reloads(tmp_path):
 def test_sensitivity_scope_derives_per_layer_amounts(tmp_path):
     r = run(Recipe(**PRUNE, prune_amount=0.9, prune_scope="sensitivity", finetune_epochs=1), cache=tmp_path,
             progress=False)
-    amounts = r.history["sensitivity_amounts"]
+    amounts = r.steps["prune"].amounts
     assert set(amounts) == set(r.layer_sparsity) and all(0 <= a <= 0.9 for a in amounts.values())
     for name, a in amounts.items():
         assert r.layer_sparsity[name] == pytest.approx(a, abs=0.01)
@@ -197,7 +210,7 @@ def test_quantization_step_measures_packed_size_and_reloads(tmp_path):
     assert q.recipe.dense() == fp32.recipe and q.dense_accuracy == fp32.accuracy
     assert set(q.layer_sqnr) == {"net.1", "net.3", "net.5"} and all(v > 10 for v in q.layer_sqnr.values())
     assert q.size_quantized_bytes < fp32.size_state_dict_bytes / 4
-    assert "qat" in q.history
+    assert q.steps["quantize"].qat["train_loss"] and q.history == {}
     model = q.load_model()
     ds = load("digits")
     assert evaluate(model, ds.X_test, ds.y_test).accuracy == q.accuracy
@@ -218,7 +231,8 @@ def test_bad_quantization_settings(changes, message):
 def test_deep_compression_step_reports_the_encoded_size(tmp_path):
     r = run(Recipe(**PRUNE, prune_amount=0.8, finetune_epochs=1, share_bits=3, share_epochs=1), cache=tmp_path,
             progress=False)
-    assert r.size_encoded_bytes == r.history["deep_compression"]["bytes"]
+    assert r.size_encoded_bytes == r.steps["share"].encoded_bytes
+    assert r.recipe.active_steps() == ("train", "measure", "finetune", "prune", "share")
     assert r.size_encoded_bytes < r.sparse_bytes["relative"] < r.sparse_bytes["dense"]
     model = r.load_model()
     for layer in (model.net[1], model.net[3]):

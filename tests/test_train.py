@@ -90,7 +90,8 @@ def test_bad_arguments(digits, kwargs, message):
 
 
 def test_model_that_does_not_fit_the_data_gets_a_clear_error(digits):
-    with pytest.raises(WorkbenchError, match="failed on a batch of shape"):
+    with pytest.raises(WorkbenchError, match="failed on a batch of shape") as info:
         fit(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), digits, progress=False)
+    assert isinstance(info.value.__cause__, RuntimeError)  # the user's model's own error stays attached
     with pytest.raises(WorkbenchError, match=r"expected \(2, 10\)"):
         fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), digits, progress=False)

@@ -81,7 +81,7 @@ def test_finetune_changes_the_recipe(explorer):
     assert recipe.finetune_epochs == 1 and recipe.prune_amount == 0.5
     res = explorer.results[recipe]
     assert res.key != explorer.results[recipe.replace(finetune_epochs=0)].key
-    assert res.history["prune_rounds"]
+    assert res.steps["prune"].rounds
     explorer.finetune.value = 0
 
 

@@ -141,7 +141,7 @@ def test_qat_is_its_own_family(explorer):
     explorer.qat.value = 1
     recipe = explorer.recipe()
     res = explorer.results[recipe]
-    assert recipe.qat_epochs == 1 and res.history["qat"]["val_acc"]
+    assert recipe.qat_epochs == 1 and res.steps["quantize"].qat["val_acc"]
     assert list(explorer.curve.data[0].x) == [4] and "QAT 1" in explorer.curve.data[0].name
     assert "QAT 1 epoch" in explorer.info.value
     explorer.qat.value = 0

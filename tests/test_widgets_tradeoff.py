@@ -28,7 +28,7 @@ def test_controls_move_the_current_point(explorer):
     assert explorer.latency_plot.data[2].y == (explorer.results[Recipe(**FAST)].accuracy,)
     explorer.bits.value = 8
     int8 = explorer.results[explorer.recipe()]
-    assert int8.history["ort_quant"]["mode"] == "static"
+    assert int8.steps["ort_quant"].mode == "static"
     assert explorer.size_plot.data[2].x[0] == pytest.approx(int8.size_onnx_bytes / 1024)
     explorer.ratio.value = 0.5
     assert explorer.results[explorer.recipe()].params < int8.params
@@ -64,7 +64,7 @@ def test_distilled_student_joins_the_grid(tmp_path):
     assert r.model == "mlp" and r.teacher == Recipe(**FAST) and r.kd_temperature == student.kd_temperature
     assert ex.results[r].teacher_accuracy == ex.results[Recipe(**FAST)].accuracy  # taught by the base model
     ex.bits.value = 8
-    assert ex.results[ex.recipe()].history["ort_quant"]["mode"] == "dynamic"  # auto: no convolutions
+    assert ex.results[ex.recipe()].steps["ort_quant"].mode == "dynamic"  # auto: no convolutions
     kinds = {(p["student"], p["bits"]) for p in ex.points()}
     assert kinds == {(False, 32), (True, 32), (True, 8)}
     assert "distilled mlp, 0% pruned, int8" in ex.info.value

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import cluster, data, distill, fold, measure, models, onnx, ort, plots, prune, quant, recipe, schedules, train  # noqa: E402
+from . import (cluster, coding, data, distill, fold, measure, models, onnx, ort, plots, presets, prune,  # noqa: E402
+               quant, recipe, schedules, sparse, train)
 from .data import Dataset, load  # noqa: E402
 from .errors import WorkbenchError  # noqa: E402
 from .models import build  # noqa: E402
@@ -17,6 +18,7 @@ from .train import evaluate, fit  # noqa: E402
 __all__ = [
     "__version__",
     "cluster",
+    "coding",
     "data",
     "distill",
     "fold",
@@ -25,10 +27,12 @@ __all__ = [
     "onnx",
     "ort",
     "plots",
+    "presets",
     "prune",
     "quant",
     "recipe",
     "schedules",
+    "sparse",
     "train",
     "Dataset",
     "load",

@@ -23,26 +23,11 @@ from .errors import WorkbenchError
 from .ort import cpu_flags
 from .data import load
 from .quant import packed_bytes as quant_packed_bytes
-from .recipe import Recipe, Result, run, sweep
+from .presets import (BASELINES, DEEP_COMPRESSION, KD_SEEDS, MARGIN_SEEDS, PRUNE_STRUCTURED, PRUNE_UNSTRUCTURED,
+                      QUANT_BASE, QUANT_RUNS, distillation_runs)
+from .recipe import Result, run, sweep
 
-__all__ = ["BASELINES", "GROUPS", "KD_SEEDS", "KD_STUDENT", "KD_TEACHER", "MARGIN_SEEDS", "distillation_runs",
-           "machine_info", "run_bench", "seed_margins", "write_json"]
-
-# The five baselines of chapter 2 (name -> recipe). The notebook trains exactly these, so the
-# book, the bench and the cache agree. Settings were chosen by validation accuracy (mean over
-# seeds 0..4): the ViT's warmup + cosine schedule over 60 epochs gave 174.6 of 180 validation
-# images against 172.4 for 40 epochs at a constant rate (label smoothing 0.1: 173.4; random
-# 1-pixel shifts, which move an 8x8 digit by an eighth of its width: 171.4).
-BASELINES: dict[str, Recipe] = {
-    "mlp_digits": Recipe(model="mlp", dataset="digits", epochs=40),
-    "cnn_digits": Recipe(model="cnn", dataset="digits", epochs=30),
-    "lenet300_digits28": Recipe(model="lenet300", dataset="digits28", epochs=30),
-    "lenet5_digits28": Recipe(model="lenet5", dataset="digits28", epochs=20, lr=5e-4),
-    "vit_digits": Recipe(model="vit", dataset="digits", epochs=60, lr=2e-3, batch_size=32,
-                         optimizer="adamw", weight_decay=0.05, lr_schedule="cosine",
-                         lr_schedule_options={"warmup_epochs": 5}),
-}
-
+__all__ = ["GROUPS", "machine_info", "run_bench", "seed_margins", "write_json", "failed_bars"]
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
@@ -87,11 +72,6 @@ def baseline(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple
     return rows, figures
 
 
-# The portability check (README, "Portable numbers"): every baseline over seeds 0..4, each seed its
-# own split and initialisation. A bar with no margin is crossed by one of them.
-MARGIN_SEEDS = (0, 1, 2, 3, 4)
-
-
 def seed_margins(*, cache: str | os.PathLike | None, progress: bool | None,
                  seeds: tuple[int, ...] = MARGIN_SEEDS) -> tuple[list[dict], dict[str, Any]]:
     """Each baseline's test count over `seeds`: min / mean / max, and its margin to the bar in images.
@@ -117,13 +97,6 @@ def seed_margins(*, cache: str | os.PathLike | None, progress: bool | None,
         figures[f"margin_{name}_needed"] = bars.BARS[figure].count_needed(n)
         figures[f"margin_{name}_min_images"] = bars.margin_images(figure, min(counts), n)
     return rows, figures
-
-
-# Chapter 3. Unstructured pruning is measured on LeNet-300-100 (as in Han et al. 2015); structured
-# pruning on the CNN at 28x28, big enough at batch 64 (6 MB of activations) to leave the caches,
-# so that its latency can follow its MACs.
-PRUNE_UNSTRUCTURED = BASELINES["lenet300_digits28"]
-PRUNE_STRUCTURED = Recipe(model="cnn", dataset="digits28", epochs=10)
 
 
 _drop_pp = bars.drop_pp  # exact, from the test counts of the two runs
@@ -176,37 +149,12 @@ def pruning(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[
     return rows, figures
 
 
-# Chapter 4: the CNN (convolutions and Linear layers) on digits, weights and layer inputs quantized.
-QUANT_BASE = BASELINES["cnn_digits"]
-QUANT_RUNS = {
-    "ptq_int8": dict(weight_bits=8, act_bits=8),
-    "ptq_int8_per_tensor": dict(weight_bits=8, act_bits=8, quant_granularity="per-tensor"),
-    "ptq_int4": dict(weight_bits=4, act_bits=8),
-    "qat_int4": dict(weight_bits=4, act_bits=8, qat_epochs=3),
-    "qat_int2": dict(weight_bits=2, act_bits=8, qat_epochs=3),
-}
-
-
-# Chapter 6. Deep Compression (Han et al. 2016), one Recipe per model: global gradual pruning, k-means
-# weight sharing (5-bit indices for Linear layers, 8-bit for Conv2d, as in the paper), 3 epochs of
-# centroid fine-tuning, Huffman-coded indices and 5-bit relative positions. LeNet-300-100 keeps 6% of
-# its weights (chosen on the validation split: after all three stages 92-94% stay within one point of
-# the dense validation accuracy, 95-97% lose two to three). LeNet-5 keeps the paper's 8%.
-DEEP_COMPRESSION: dict[str, Recipe] = {
-    "lenet300": PRUNE_UNSTRUCTURED.replace(prune_amount=0.94, prune_schedule="gradual", prune_steps=4,
-                                           finetune_epochs=1, share_bits=5, share_epochs=3),
-    "lenet5": BASELINES["lenet5_digits28"].replace(prune_amount=0.92, prune_schedule="gradual", prune_steps=4,
-                                                   finetune_epochs=1, share_bits=5, share_bits_conv=8,
-                                                   share_epochs=3),
-}
-
-
 def _deep_compression(*, cache: str | os.PathLike | None,
                       progress: bool | None) -> tuple[list[dict], dict[str, float]]:
     """Deep Compression's real encoded size against the float32 model, and its accuracy cost.
 
     The ratio divides what Han et al. call the original size, 4 bytes x every parameter of the
-    dense model (weights and biases), by ``Result.size_encoded_bytes`` = ``cluster.Encoded.nbytes()``:
+    dense model (weights and biases), by ``Result.size_encoded_bytes`` = ``coding.Encoded.nbytes()``:
     the Huffman-coded index and position bit streams, the float32 codebooks, the code tables, a
     4-byte entry count per layer and the float32 biases.
     """
@@ -222,28 +170,8 @@ def _deep_compression(*, cache: str | os.PathLike | None,
             figures["deep_compression_kb"] = small.size_encoded_bytes / 1000  # KB of 1000 bytes, as the paper
         rows.append({"name": f"{name}_deep_compression", **small.summary(), "dense_bytes": dense_bytes,
                      "encoded_bytes": small.size_encoded_bytes, "ratio": dense_bytes / small.size_encoded_bytes,
-                     "acc_drop_pp": _drop_pp(dense, small), "layers": small.history["deep_compression"]["layers"]})
+                     "acc_drop_pp": _drop_pp(dense, small), "layers": small.steps["share"].layers})
     return rows, figures
-
-
-# Chapter 5. Hinton et al. (2015) distillation: the chapter-4 CNN teaches an MLP with one hidden
-# layer of 128 (18% of the teacher's parameters), at T=4 and alpha=0.5 (half soft, half hard loss).
-# The student trained alone uses the same recipe without a teacher; each seed draws its own split
-# and initialisation, so gain and gap are averaged over three seeds.
-KD_TEACHER = Recipe(model="cnn", dataset="digits", epochs=10, export_onnx=False)
-KD_STUDENT = Recipe(model="mlp", dataset="digits", model_options={"hidden": [128]}, epochs=100, lr=2e-3,
-                    batch_size=128, export_onnx=False, kd_temperature=4.0, kd_alpha=0.5)
-KD_SEEDS = (0, 1, 2)
-
-
-def distillation_runs(seed: int, *, cache: str | os.PathLike | None = None,
-                      progress: bool | None = None) -> dict[str, Result]:
-    """Teacher, student alone and distilled student for one seed (all three cached)."""
-    teacher = KD_TEACHER.replace(seed=seed)
-    student = KD_STUDENT.replace(seed=seed)
-    return {"teacher": run(teacher, cache=cache, progress=progress),
-            "alone": run(student, cache=cache, progress=progress),
-            "distilled": run(student.replace(teacher=teacher), cache=cache, progress=progress)}
 
 
 def _distillation(*, cache: str | os.PathLike | None,

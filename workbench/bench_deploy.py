@@ -19,14 +19,11 @@ from . import bars, fold
 from . import onnx as wonnx
 from .data import load
 from .measure import side_by_side
-from .recipe import Recipe, Result, run
+from .presets import DEPLOY_MODELS
+from .recipe import Result, run
 
-__all__ = ["DEPLOY_MODELS", "BATCHES", "RUNTIMES", "deploy_figures", "runtime_latencies"]
+__all__ = ["BATCHES", "RUNTIMES", "deploy_figures", "runtime_latencies"]
 
-DEPLOY_MODELS: dict[str, Recipe] = {
-    "mlp": Recipe(model="mlp", dataset="digits28", epochs=10, model_options={"hidden": [1024, 1024]}),
-    "cnn": Recipe(model="cnn", dataset="digits28", epochs=10),  # the same recipe as bench.PRUNE_STRUCTURED
-}
 BATCHES = (1, 64)
 RUNTIMES = ("torch eager fp32", "ORT fp32", "ORT int8 dynamic", "ORT int8 static QDQ")
 # Which int8 mode is the right one per family (what ort.quantize(mode="auto") picks).

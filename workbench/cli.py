@@ -106,10 +106,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
                      f"{recipe.act_bits or 32}-bit activations ({recipe.calibration} calibration), "
                      + (f"QAT {recipe.qat_epochs} epochs" if recipe.qat_epochs else "PTQ"))
     if recipe.fold_bn:
-        steps.append(f"BatchNorm folded ({', '.join(r.history['fold_bn']['folded']) or 'none found'})")
+        steps.append(f"BatchNorm folded ({', '.join(r.steps['fold_bn'].folded) or 'none found'})")
     if recipe.ort_quant != "none":
-        q = r.history["ort_quant"]
-        steps.append(f"ONNX Runtime int8, {q['reason']}")
+        q = r.steps["ort_quant"]
+        steps.append(f"ONNX Runtime int8, {q.reason}")
     print(f"{recipe.model} on {recipe.dataset}: " + "; ".join(steps))
     print(f"  test accuracy  {dense.accuracy:.4f} -> {r.accuracy:.4f} ({100 * (r.accuracy - dense.accuracy):+.2f} percentage points)")
     print(f"  parameters     {dense.params:,} -> {r.params:,} ({r.nonzero_params:,} non-zero, sparsity {r.sparsity:.1%})")

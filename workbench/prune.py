@@ -2,7 +2,7 @@
 and structured channel/neuron pruning that rebuilds smaller layers.
 
 Unstructured pruning zeroes individual weights; the tensors keep their shape, so the file and
-the latency stay the same unless the zeros are stored sparsely (``measure.sparse_sizes``).
+the latency stay the same unless the zeros are stored sparsely (``sparse.sparse_sizes``).
 Structured pruning removes whole output channels/neurons and rebuilds every layer that touches
 them, so parameters, MACs and (on big enough models) latency really go down.
 """
@@ -273,7 +273,7 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> list[torch.fx.Node
         ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
     except Exception as exc:
         raise WorkbenchError(f"structured pruning could not trace {name} with torch.fx "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     for node in nodes:
         inputs = [a for a in node.all_input_nodes]

@@ -119,7 +119,7 @@ def _check_model(model: nn.Module, data: Dataset) -> None:
             f"the model failed on a batch of shape {tuple(x.shape)} from dataset {data.name!r}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
             "Build it for this dataset's input_shape and num_classes."
-        ) from None
+        ) from exc
     if out.shape != (2, data.num_classes):
         raise WorkbenchError(
             f"the model returns shape {tuple(out.shape)} for 2 inputs; expected (2, {data.num_classes}) logits "

@@ -32,7 +32,7 @@ ROUNDS = 3
 
 
 def _recipe():
-    from ..bench import BASELINES
+    from ..presets import BASELINES
 
     return BASELINES["mlp_digits"]
 

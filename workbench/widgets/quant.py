@@ -17,12 +17,11 @@ import torch
 
 from .. import quant
 from ..errors import WorkbenchError
-from ..recipe import COMPRESSION_FIELDS, Recipe, Result, run, sweep
+from ..recipe import Recipe, Result, run, sweep
 from ._render import render
 
 __all__ = ["QuantizationExplorer"]
 
-_QUANT_FIELDS = ("weight_bits", "act_bits", "quant_symmetric", "quant_granularity", "calibration", "qat_epochs")
 _FLOAT = 0  # act_bits value meaning "activations stay float"
 _HIST_BINS = 80
 _SETTINGS = ("symmetric", "granularity", "calibration", "act_bits", "qat")
@@ -122,10 +121,9 @@ class QuantizationExplorer:
         self.cache = cache
         self.results: dict[Recipe, Result] = {}
         self.last_seconds = 0.0
-        defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.name in COMPRESSION_FIELDS}
         # The float reference: the same recipe with quantization off (pruning, if any, kept).
-        self._fp32_recipe = base.replace(**{k: defaults[k] for k in _QUANT_FIELDS})
-        self._default_calibration = defaults["calibration"]
+        self._fp32_recipe = base.without("quantize")
+        self._default_calibration = self._fp32_recipe.calibration
         self._fp32_bytes: dict[str, int] = {}
 
         self.bits = ipywidgets.IntSlider(value=base.weight_bits if 1 <= base.weight_bits <= 8 else 8, min=1, max=8,

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from workbench import WorkbenchError, measure
-from workbench.measure import SparseSizes, break_even_density, model_sparse_sizes, sparse_sizes
+from workbench import WorkbenchError, sparse
+from workbench.sparse import SparseSizes, break_even_density, model_sparse_sizes, relative_entries, sparse_sizes
 
 # 3x4, 5 non-zeros at flat positions 0, 3, 8, 9, 11.
 A = np.array([[1.0, 0, 0, 2], [0, 0, 0, 0], [3, 4, 0, 5]], dtype=np.float32)
@@ -103,6 +103,28 @@ def test_relative_matches_entry_by_entry_encoding(bits, density):
     s = sparse_sizes(a, value_bits=8, relative_index_bits=bits)
     assert s.relative_entries == len(entries)
     assert s.relative == -(-len(entries) * (8 + bits) // 8)
+    gaps, real = relative_entries(a != 0, index_bits=bits)
+    assert gaps.tolist() == [g for _, g in entries]
+    assert real.tolist() == [v != 0 for v, _ in entries]
+
+
+@pytest.mark.parametrize("index_bits", [1, 3, 5, 8])
+def test_relative_entries_walk_back_to_the_positions(index_bits):
+    mask = np.random.default_rng(index_bits).random((40, 60)) < 0.04
+    mask[0, 0] = True
+    gaps, real = relative_entries(torch.from_numpy(mask), index_bits=index_bits)
+    assert len(gaps) == sparse_sizes(mask, relative_index_bits=index_bits).relative_entries
+    assert gaps.max() <= 2 ** index_bits - 1 and gaps[0] == 0
+    np.testing.assert_array_equal(np.cumsum(gaps)[real], np.flatnonzero(mask))
+
+
+@pytest.mark.parametrize("bits", [62, 63, 64])
+def test_wide_relative_indices_need_no_fillers(bits):
+    a = np.zeros(1000)
+    a[[3, 999]] = 1.0
+    s = sparse_sizes(a, value_bits=8, relative_index_bits=bits)
+    assert (s.relative_entries, s.relative_fillers) == (2, 0)
+    assert relative_entries(a != 0, index_bits=bits)[0].tolist() == [3, 996]
 
 
 @pytest.mark.parametrize("shape", [(7, 9), (20, 3, 3, 3), (50,), (1, 64)])
@@ -276,4 +298,5 @@ def test_model_without_prunable_layers_raises():
 
 
 def test_new_names_are_public():
-    assert {"SparseSizes", "sparse_sizes", "model_sparse_sizes", "break_even_density"} <= set(measure.__all__)
+    assert {"SparseSizes", "relative_entries", "sparse_sizes", "model_sparse_sizes",
+            "break_even_density"} <= set(sparse.__all__)
