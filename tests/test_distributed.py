@@ -343,6 +343,14 @@ def test_launch_rejects_a_string_of_args_and_a_bad_module():
         launch("workbench/distributed/ddp.py", 2, [])
 
 
+def test_the_collective_timeout_defaults_to_the_environment_and_is_checked(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_DIST_TIMEOUT_S", "soon")
+    with pytest.raises(WorkbenchError, match=r"collective_timeout='soon' \(from \$WORKBENCH_DIST_TIMEOUT_S\)"):
+        launch("workbench.distributed.ddp", 2, [])
+    with pytest.raises(WorkbenchError, match="collective_timeout=0"):
+        launch("workbench.distributed.ddp", 2, [], collective_timeout=0)
+
+
 def test_a_rank_that_raises_is_named_with_its_error():
     seen = {}
     progress = lambda line: seen.setdefault("t", time.monotonic()) if line.startswith("[rank 1] step 1") else None
@@ -407,6 +415,53 @@ def test_a_hung_peer_fails_its_collective_after_the_timeout():
                progress=False, timeout=120)
     assert "failed on rank 0 of 2" in str(err.value) and "Timed out" in str(err.value)
     assert time.monotonic() - t0 < 120
+    assert live_processes(tag) == []
+
+
+def test_a_hung_peer_in_a_group_of_its_own_times_out_too():
+    # Groups beyond the default one (DDP's gradient group) time out like it, not after gloo's 30 minutes.
+    env, tag = tagged(HELPERS)
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as err:
+        launch("distributed_helpers", 2, ["--mode", "hang", "--rank", "1", "--group"], env=env,
+               collective_timeout=2, progress=False, timeout=60)
+    assert "failed on rank 0 of 2" in str(err.value) and "Timed out" in str(err.value)
+    assert "(rank 1 did not respond within 2 s: stopped or hung)" in str(err.value)
+    assert time.monotonic() - t0 < 60
+    assert live_processes(tag) == []
+
+
+def test_a_stopped_rank_ends_the_job_within_the_collective_timeout_and_is_named():
+    pids, stopped = {}, {}
+
+    def progress(line):
+        if m := re.match(r"\[rank (\d+)\] pid (\d+)", line):
+            pids[int(m.group(1))] = int(m.group(2))
+        if line.startswith("[rank 1] allreduce epoch 1/") and not stopped:
+            os.kill(pids[1], signal.SIGSTOP)  # frozen: it neither fails nor dies, and takes no SIGTERM
+            stopped["t"] = time.monotonic()
+
+    env, tag = tagged()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(LaunchError) as err:
+            launch("workbench.distributed.ddp", 2, ["--epochs", "1000"], env=env, progress=progress,
+                   collective_timeout=5, timeout=120)
+        ended = time.monotonic()
+    finally:
+        for pid in pids.values():  # never leave a stopped process behind, even when the test fails
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+    message = str(err.value)
+    assert re.search(r"rank 1 did not respond within 5 s \(stopped or hung: its process \d+ was stopped", message), \
+        message + "\n" + err.value.output[-4000:]
+    assert "the job was ended and no process is left" in message and "\n" not in message
+    assert err.value.failures[0].rank == 1 and err.value.failures[0].root_cause
+    assert ended - stopped["t"] < 5 + 10, f"ended {ended - stopped['t']:.1f} s after the stop"
+    assert ended - t0 < 60
     assert live_processes(tag) == []
 
 

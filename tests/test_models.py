@@ -120,3 +120,67 @@ def test_width_options_rebuild_the_same_shapes(name, shape, options):
     assert models.width_options(model) == options
     again = models.build(name, input_shape=shape, num_classes=10, **models.width_options(model))
     assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "options"),
+    [("mlp", (1, 8, 8), {}), ("mlp", (3, 32, 32), {"hidden": (40, 20, 10), "dropout": 0.1}),
+     ("lenet300", (1, 28, 28), {}), ("lenet5", (1, 28, 28), {}), ("lenet5", (3, 32, 32), {"channels": (6, 16)}),
+     ("cnn", (1, 8, 8), {}), ("cnn", (3, 32, 32), {"batchnorm": False, "channels": (8, 16, 32), "hidden": 20}),
+     ("vit", (1, 8, 8), {}),
+     ("vit", (3, 32, 32), {"patch_size": 8, "dim": 48, "depth": 3, "heads": 6, "mlp_ratio": 3})],
+)
+def test_param_count_matches_the_built_model(name, shape, options):
+    model = models.build(name, input_shape=shape, num_classes=7, **options)
+    expected = sum(p.numel() for p in model.parameters())
+    assert models.param_count(name, input_shape=shape, num_classes=7, **options) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "asked"),
+    [("mlp", {"hidden": (200_000, 200_000)}, "40,015,200,010"), ("cnn", {"channels": (100_000, 100_000)}, ""),
+     ("vit", {"depth": 10 ** 9}, ""), ("lenet5", {"hidden": 10 ** 12}, "")],
+)
+def test_build_refuses_huge_models_before_allocating(name, options, asked):
+    shape = SHAPES[name]
+    with pytest.raises(WorkbenchError, match=f"{asked}.*parameters; the limit is {models.MAX_PARAMS:,}"):
+        models.build(name, input_shape=shape, num_classes=10, **options)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [("mlp", {"hidden": "foo"}, "hidden must be a list of positive integers"),
+     ("mlp", {"hidden": 1e30}, "hidden must be a list of positive integers"),
+     ("mlp", {"hidden": (16.5,)}, "hidden must be a list of positive integers"),
+     ("mlp", {"hidden": (True,)}, "hidden must be a list of positive integers"),
+     ("mlp", {"dropout": "half"}, "dropout must be a number in"),
+     ("cnn", {"batchnorm": "maybe"}, "batchnorm must be true or false"),
+     ("cnn", {"hidden": 0}, "hidden must be a positive integer"),
+     ("lenet5", {"channels": (1, 2, 3)}, "channels must be a list of 2 positive integers"),
+     ("vit", {"depth": -1}, "depth must be a positive integer"),
+     ("vit", {"patch_size": "4"}, "patch_size must be a positive integer")],
+)
+def test_bad_option_values_say_what_is_expected(name, options, message):
+    with pytest.raises(WorkbenchError, match=message):
+        models.build(name, input_shape=SHAPES[name], num_classes=10, **options)
+
+
+def test_load_checkpoint_names_what_is_missing_or_wrong(tmp_path):
+    model = models.build("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(16,))
+    spec = {"name": "mlp", "input_shape": (1, 8, 8), "num_classes": 10, "options": {"hidden": (16,)}}
+    path = models.save_checkpoint(tmp_path / "m.pt", model, spec=spec)
+    payload = torch.load(path, weights_only=True)
+    for key in ("name", "input_shape", "num_classes"):
+        torch.save({**payload, "spec": {k: v for k, v in payload["spec"].items() if k != key}}, tmp_path / "bad.pt")
+        with pytest.raises(WorkbenchError, match=f"spec has no '{key}'"):
+            models.load_checkpoint(tmp_path / "bad.pt")
+    torch.save({k: v for k, v in payload.items() if k != "state_dict"}, tmp_path / "bad.pt")
+    with pytest.raises(WorkbenchError, match="has no 'state_dict'"):
+        models.load_checkpoint(tmp_path / "bad.pt")
+    torch.save({**payload, "spec": {**payload["spec"], "options": {"hidden": [200_000, 200_000]}}}, tmp_path / "bad.pt")
+    with pytest.raises(WorkbenchError, match="40,015,200,010 parameters"):
+        models.load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(WorkbenchError, match="is a folder"):
+        models.load_checkpoint(tmp_path)
+    with pytest.raises(WorkbenchError, match="empty"):
+        models.load_checkpoint("")

@@ -44,6 +44,12 @@ def test_recipe_is_frozen_hashable_and_round_trips():
         (dict(prune_exclude="net.1"), "prune_exclude must be a list of layer names"),
         (dict(model_options=["hidden"]), "model_options must be a mapping"),
         (dict(model=3), "model must be a string"),
+        (dict(seed=10**20), r"seed must be in 0\.\.2\*\*63-1"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(prune_amount=0.5, finetune_epochs=10**14), r"finetune_epochs must be in 0\.\.1,000,000"),
+        (dict(prune_amount=0.5, prune_schedule="gradual", prune_steps=10**17), r"prune_steps must be in 1\.\.1000"),
+        (dict(weight_bits=8, qat_epochs=10**14), r"qat_epochs must be in 0\.\.1,000,000"),
+        (dict(share_bits=4, share_epochs=10**14), r"share_epochs must be in 0\.\.1,000,000"),
         (dict(optimizer="rmsprop"), "unknown optimizer"),
         (dict(model_options={"hidden": object()}), "plain values"),
     ],
@@ -241,3 +247,20 @@ def test_deep_compression_step_reports_the_encoded_size(tmp_path):
         Recipe(**PRUNE, share_bits=4, weight_bits=8)
     with pytest.raises(WorkbenchError, match="set share_bits"):
         Recipe(**PRUNE, share_epochs=2)
+
+
+def test_a_quantized_checkpoint_whose_weights_do_not_fit_gets_one_clear_error(tmp_path):
+    from workbench.recipe import load_model
+
+    q = run(Recipe(**FAST, export_onnx=False, weight_bits=8, act_bits=8), cache=tmp_path, progress=False)
+    payload = torch.load(q.checkpoint_path, weights_only=True)
+    payload["spec"]["options"]["hidden"] = [16]  # the weights are 32 wide
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(WorkbenchError, match="quantized weights do not fit model 'mlp'") as info:
+        load_model(bad)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(WorkbenchError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+    ds = load("digits")
+    assert evaluate(load_model(q.checkpoint_path), ds.X_test, ds.y_test).correct == q.test_correct

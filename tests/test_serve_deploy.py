@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from workbench.errors import WorkbenchError
 from workbench.serve import cli
 from workbench.serve.app import DEFAULT_PORT, METRIC_NAMES, ROUTES
 from workbench.serve.monitor import CONFIG_FILE, DEPLOY_DIR, RULES_FILE
@@ -39,6 +40,74 @@ def _parse(args: list[str]):
     return parser.parse_args(args)
 
 
+def _tiny_onnx(path: Path) -> Path:
+    """A 4-feature identity "classifier": enough for `workbench serve` to load, instant to build."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture()
+def served(monkeypatch):
+    """Stub out the blocking uvicorn loop; record what `serve` would have run."""
+    import workbench.serve.app as app_module
+
+    calls = []
+    monkeypatch.setattr(app_module, "run_server", lambda app, **kw: calls.append(kw))
+    monkeypatch.delenv("WORKBENCH_API_KEY", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.com"])
+def test_serve_refuses_a_non_loopback_address_without_an_api_key(served, capsys, tmp_path, host):
+    assert cli.main(["serve", "--model", str(_tiny_onnx(tmp_path / "m.onnx")), "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("workbench serve: error:") and err.count("\n") == 1
+    assert host in err and "WORKBENCH_API_KEY" in err and "--insecure" in err
+    assert served == []  # refused before listening
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_serve_on_loopback_needs_no_api_key(served, capsys, tmp_path, host):
+    assert cli.main(["serve", "--model", str(_tiny_onnx(tmp_path / "m.onnx")), "--host", host]) == 0
+    assert served and served[0]["host"] == host and capsys.readouterr().err == ""
+
+
+def test_serve_insecure_warns_and_a_key_is_enough(served, capsys, tmp_path, monkeypatch):
+    model = str(_tiny_onnx(tmp_path / "m.onnx"))
+    assert cli.main(["serve", "--model", model, "--host", "0.0.0.0", "--insecure"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning" in err and "without an API key" in err
+    monkeypatch.setenv("WORKBENCH_API_KEY", "a-long-enough-key")
+    assert cli.main(["serve", "--model", model, "--host", "0.0.0.0"]) == 0
+    assert capsys.readouterr().err == "" and len(served) == 2
+
+
+def test_body_timeout_flag_and_environment_variable(served, tmp_path, monkeypatch, capsys):
+    import workbench.serve.app as app_module
+
+    seen = []
+    real = app_module.create_app
+    monkeypatch.setattr(app_module, "create_app", lambda *a, **kw: seen.append(a[1]) or real(*a, **kw))
+    model = str(_tiny_onnx(tmp_path / "m.onnx"))
+    assert cli.main(["serve", "--model", model]) == 0
+    monkeypatch.setenv("WORKBENCH_BODY_TIMEOUT_S", "2.5")
+    assert cli.main(["serve", "--model", model]) == 0
+    assert cli.main(["serve", "--model", model, "--body-timeout-s", "0.25"]) == 0
+    assert [s.body_timeout_s for s in seen] == [10.0, 2.5, 0.25]
+    monkeypatch.setenv("WORKBENCH_BODY_TIMEOUT_S", "soon")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--model", model])
+    assert exit_.value.code == 2 and "WORKBENCH_BODY_TIMEOUT_S" in capsys.readouterr().err
+
+
 def test_kubernetes_probes_port_and_command_are_the_apps():
     c = _container()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -48,8 +117,13 @@ def test_kubernetes_probes_port_and_command_are_the_apps():
     args = _parse(c["args"])
     assert args.command == "serve" and args.port == DEFAULT_PORT and args.host == "0.0.0.0"
     assert "@" in args.model  # served from the registry by alias, so promotions reach it
-    env = {e["name"] for e in c["env"]}
-    assert {"WORKBENCH_REGISTRY_URI", "WORKBENCH_API_KEY"} <= env
+    env = {e["name"]: e for e in c["env"]}
+    assert {"WORKBENCH_REGISTRY_URI", "WORKBENCH_API_KEY"} <= set(env)
+    # The key comes from a Secret that must exist (no optional: true, no literal value), and nothing opts out.
+    ref = env["WORKBENCH_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert "value" not in env["WORKBENCH_API_KEY"] and not ref.get("optional", False)
+    assert "--insecure" not in c["args"] and not args.insecure
+    cli.check_exposure(args.host, "from-the-secret", args.insecure)  # a key is all 0.0.0.0 needs
     pod = yaml.safe_load((K8S / "deployment.yaml").read_text())["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
 
@@ -81,6 +155,11 @@ def test_dockerfile_runs_the_server_as_non_root_with_a_healthcheck():
     assert args.command == "serve" and args.port == DEFAULT_PORT and args.host == "0.0.0.0"
     assert "torch==2.13.0" in text and "whl/cpu" in text  # the CPU wheel, not CUDA
     assert args.model == _parse(_container()["args"]).model  # the image and the manifest serve the same model
+    # Safe by default: no key is baked into the image, so `docker run` without WORKBENCH_API_KEY refuses to start.
+    assert not [line for line in lines if "WORKBENCH_API_KEY" in line]  # comments aside
+    assert not args.insecure
+    with pytest.raises(WorkbenchError, match="WORKBENCH_API_KEY"):
+        cli.check_exposure(args.host, None, args.insecure)
 
 
 def test_prometheus_config_scrapes_the_metrics_route_and_rules_use_real_metrics():
@@ -98,6 +177,10 @@ def test_prometheus_config_scrapes_the_metrics_route_and_rules_use_real_metrics(
             assert base in known, f"{rule['alert']} uses {metric}, which the server does not export"
         for route in re.findall(r'route="([^"]+)"', rule["expr"]):
             assert route in ROUTES.values()
+    # The error-rate alert counts server errors only: a client that hangs up (499) or sends junk (4xx) cannot fire it.
+    (error_rate,) = [r for r in rules if r["alert"] == "WorkbenchHighErrorRate"]
+    numerator = re.split(r"\s/\s", error_rate["expr"])[0]
+    assert 'status=~"5.."' in numerator and numerator.count("workbench_http_requests_total") == 1
 
 
 @needs_promtool

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from pathlib import Path
 
 import pytest
 from test_serve_common import NAME, fresh_registry, results
 
+from workbench import cli as workbench_cli
 from workbench.errors import WorkbenchError
 from workbench.serve import cli
-from workbench.serve.registry import Registry, parse_ref, sha256_file
+from workbench.serve.registry import Registry, parse_ref, sha256_file, tracking_uri
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -91,12 +93,15 @@ def test_parse_ref_rejects_malformed(ref):
         parse_ref(ref)
 
 
-def test_tampered_file_is_refused(reg):
-    v = reg.register_result(results()[0], name=NAME)
-    path = reg.local_path(v)
+def tamper(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-20] ^= 0xFF  # one weight changes
     path.write_bytes(bytes(data))
+
+
+def test_tampered_file_is_refused(reg):
+    v = reg.register_result(results()[0], name=NAME)
+    tamper(reg.local_path(v))
     with pytest.raises(WorkbenchError, match="changed after registration, refusing"):
         reg.load(f"{NAME}/1")
     with pytest.raises(WorkbenchError, match="changed after registration"):
@@ -182,3 +187,58 @@ def test_cli_errors_are_one_line_exit_2(reg, capsys, argv, message):
     assert cli.main([*argv, "--registry", reg.uri]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("workbench registry: error:")
+
+
+@pytest.mark.parametrize("action", ["rollback", "promote"])
+def test_the_alias_never_moves_to_a_tampered_version(reg, capsys, action):
+    good, weak = results()
+    reg.register_result(good, name=NAME, alias=None)
+    reg.register_result(weak, name=NAME)
+    reg.promote(NAME, 1)
+    reg.promote(NAME, 2)
+    if action == "promote":
+        reg.register_result(good, name=NAME)
+    target = 1 if action == "rollback" else 3
+    tamper(reg.local_path(reg.get(NAME, target)))
+    argv = ["registry", "rollback", NAME] if action == "rollback" else ["registry", "promote", NAME, "3"]
+    assert workbench_cli.main([*argv, "--registry", reg.uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("workbench registry: error: ")
+    assert f"model '{NAME}' to version {target}: sha256 mismatch" in err
+    assert "the champion alias was NOT moved (it still points at version 2)" in err
+    assert reg.resolve(f"{NAME}@champion").version == 2 and reg.history(NAME) == [1, 2]
+    assert "rolled_back" not in reg.get(NAME, 2).tags
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("foo://bar", "unsupported registry URI scheme 'foo' in 'foo://bar'; expected a folder path, file:///FOLDER, "
+                  "sqlite:///PATH.db"),
+    ("sqlite:////proc/x.db", "cannot create the registry database at /proc/x.db ("),
+    ("sqlite:///{tmp}/afile/x.db", "cannot create the registry database at {tmp}/afile/x.db ({tmp}/afile is a file, "
+                                   "not a folder); expected a folder this user can write"),
+    ("{tmp}/afile/sub/registry", "cannot create the registry database at {tmp}/afile/sub/registry/mlflow.db ("),
+    ("sqlite:///{tmp}/adir", "cannot open the registry database at {tmp}/adir (a folder is in the way"),
+])
+def test_cli_bad_registry_uri_is_one_line_exit_2_and_creates_nothing(tmp_path, monkeypatch, capsys, uri, message):
+    monkeypatch.chdir(tmp_path)  # MLflow would make ./mlruns for some URIs
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "adir").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    proc_before = set(Path("/proc").glob("*.db")) | set(Path("/proc").glob(".lock"))
+    uri = uri.format(tmp=tmp_path)
+    assert workbench_cli.main(["registry", "list", "--registry", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("workbench registry: error: "), err
+    assert message.format(tmp=tmp_path) in err
+    assert sorted(tmp_path.rglob("*")) == before
+    assert set(Path("/proc").glob("*.db")) | set(Path("/proc").glob(".lock")) == proc_before
+
+
+def test_a_folder_or_file_uri_is_a_local_sqlite_registry(tmp_path, capsys):
+    assert tracking_uri(str(tmp_path / "reg")) == f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}"
+    assert tracking_uri((tmp_path / "reg").as_uri()) == f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}"
+    assert tracking_uri(f"{tmp_path}/r.db") == f"sqlite:///{tmp_path / 'r.db'}"
+    for kept in ("sqlite:///x.db", "http://mlflow:5000", "postgresql+psycopg2://u@h/db", "databricks"):
+        assert tracking_uri(kept) == kept
+    assert workbench_cli.main(["registry", "list", "--registry", str(tmp_path / "reg")]) == 0
+    assert "no registered models" in capsys.readouterr().out and (tmp_path / "reg" / "mlflow.db").is_file()

@@ -1,11 +1,19 @@
-"""The `workbench` command line: train, compress, info, export, bench, serve, registry (also `python -m workbench`)."""
+"""The `workbench` command line: train, compress, info, export, bench, serve, registry (also `python -m workbench`).
+
+Every mistake a user can make ends in one line on stderr and exit status 2, and a failed command
+leaves no output file behind: outputs are checked before any work starts, written under temporary
+names and renamed into place only when the command succeeds.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,15 +22,108 @@ from .errors import WorkbenchError
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other user error (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. batchnorm=false, hidden=[512,256]), got {text!r}")
-    key, value = text.split("=", 1)
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
         parsed = value
     return key.strip(), parsed
+
+
+def _default(name: str) -> Any:
+    """The default of Recipe field `name`: flags use the library's defaults, never copies of them."""
+    from .recipe import Recipe
+
+    return {f.name: f.default for f in dataclasses.fields(Recipe)}[name]
+
+
+class _Outputs:
+    """The files a command writes: checked before any work starts, then written all or nothing.
+
+    Used as ``with _Outputs() as outs: outs.add(args.out, "--out", "model.pt"); ...``: each output is
+    written under a temporary name in its own folder (``outs.tmp(path)``) and renamed into place when
+    the block succeeds; on any failure the temporary files go, and so do the folders made for them.
+    """
+
+    def __init__(self) -> None:
+        self._tmp: dict[Path, Path] = {}  # final path -> temporary path
+        self._made: list[Path] = []  # folders created for the outputs, outermost first
+
+    def add(self, value: str | os.PathLike, what: str, example: str) -> Path:
+        """Check that `value` can be written, making its folder if needed.
+
+        `what` names the output in errors (``--out``) and `example` is a file name to suggest.
+        """
+        if not str(value):
+            raise WorkbenchError(f"{what} is empty; give a file name such as {example}")
+        path = Path(value)
+        if path.is_dir():
+            raise WorkbenchError(f"{str(path)!r} is a folder; give {what} a file name such as {str(path / example)!r}")
+        if path.exists() and not path.is_file():
+            raise WorkbenchError(f"{str(path)!r} exists and is not a regular file; give {what} another file name")
+        for other in self._tmp:
+            if other.resolve() == path.resolve():
+                raise WorkbenchError(f"{what} names the same file as another output ({str(path)!r}); give each its own")
+        missing, folder = [], path.parent
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        if not folder.is_dir():
+            raise WorkbenchError(f"cannot write {str(path)!r}: {str(folder)!r} is a file, not a folder; "
+                                 f"give {what} a path in a folder")
+        try:
+            for new in reversed(missing):
+                new.mkdir()
+                self._made.append(new)
+            fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:  # leaving the `with` block removes the folders made so far
+            raise WorkbenchError(f"cannot write {str(path)!r}: the folder {str(path.parent)!r} does not take new files "
+                                 f"({exc.strerror or exc}); give {what} a path in a folder you can write") from None
+        self._tmp[path] = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+        return path
+
+    def tmp(self, path: str | os.PathLike) -> Path:
+        """Where to write the output `path` until the command succeeds."""
+        return self._tmp[Path(path)]
+
+    def commit(self) -> None:
+        for final, tmp in self._tmp.items():
+            if tmp.exists():
+                os.replace(tmp, final)
+
+    def discard(self) -> None:
+        for tmp in self._tmp.values():
+            tmp.unlink(missing_ok=True)
+        for folder in reversed(self._made):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: someone else wrote there meanwhile
+                pass
+
+    def __enter__(self) -> "_Outputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+                return
+            except BaseException:
+                self.discard()
+                raise
+        self.discard()
 
 
 def _load_data(name: str, root: str | None, seed: int):
@@ -31,7 +132,7 @@ def _load_data(name: str, root: str | None, seed: int):
     return data.load(name, root=root, seed=seed)
 
 
-def _recipe(args: argparse.Namespace, **compression: Any):
+def _train_recipe(args: argparse.Namespace, **compression: Any):
     from .recipe import Recipe
 
     return Recipe(model=args.model, dataset=args.dataset, model_options=dict(args.option), epochs=args.epochs,
@@ -40,61 +141,75 @@ def _recipe(args: argparse.Namespace, **compression: Any):
                   lr_schedule_options=dict(args.lr_option), **compression)
 
 
-def _run_and_copy(recipe, args: argparse.Namespace):
-    from .recipe import run
-
-    outs = [Path(p) for p in (args.out, getattr(args, "onnx", None)) if p]
-    for out in outs:
-        if out.is_dir():
-            raise WorkbenchError(f"{str(out)!r} is a directory; give a file name such as model.pt or model.onnx")
-    result = run(recipe, data=_load_data(args.dataset, args.data_root, args.seed), use_cache=not args.no_cache)
-    for out, src in zip(outs, (result.checkpoint_path, result.onnx_path)):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(out)
-    return result
+def _compress_recipe(args: argparse.Namespace):
+    act_bits = args.act_bits if args.act_bits is not None else (8 if args.bits else _default("act_bits"))
+    return _train_recipe(args, prune_amount=args.prune, prune_kind=args.prune_kind, prune_scope=args.scope,
+                         prune_schedule=args.schedule, prune_steps=args.steps, prune_exclude=tuple(args.exclude),
+                         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, weight_bits=args.bits,
+                         act_bits=act_bits, quant_symmetric=not args.asymmetric, quant_granularity=args.granularity,
+                         calibration=args.calibration, qat_epochs=args.qat, fold_bn=args.fold_bn,
+                         ort_quant=args.ort_quant)
 
 
-def _register(result, args: argparse.Namespace) -> None:
+def _check_register(args: argparse.Namespace) -> None:
+    """--register needs the serve extra and a valid name: say so before training, not after."""
+    if args.register is not None:
+        from .serve import require_extra
+
+        require_extra()
+        from .serve.registry import check_name
+
+        check_name(args.register)
+
+
+def _register(result, args: argparse.Namespace) -> str | None:
     """--register NAME: the Result's ONNX model becomes the next version of NAME (alias challenger)."""
-    if not args.register:
-        return
-    from .serve import require_extra
-
-    require_extra()
+    if args.register is None:
+        return None
     from .serve.registry import Registry
 
     reg = Registry(args.registry)
     v = reg.register_result(result, name=args.register)
-    print(f"registered {v.name} version {v.version} (alias challenger) in {reg.uri}; "
-          f"`workbench registry promote {v.name} {v.version}` makes it the champion")
+    return (f"registered {v.name} version {v.version} (alias challenger) in {reg.uri}; "
+            f"`workbench registry promote {v.name} {v.version}` makes it the champion")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    recipe = _recipe(args)
-    result = _run_and_copy(recipe, args)
+    from .recipe import run
+
+    recipe = _train_recipe(args)
+    _check_register(args)
+    with _Outputs() as outs:
+        outs.add(args.out, "--out", "model.pt")
+        result = run(recipe, data=_load_data(args.dataset, args.data_root, args.seed), use_cache=not args.no_cache)
+        shutil.copyfile(result.checkpoint_path, outs.tmp(args.out))
+        registered = _register(result, args)
     source = "from cache" if result.cached else f"trained in {result.train_seconds:.1f} s"
     print(f"{recipe.model} on {recipe.dataset}: test accuracy {result.accuracy:.4f} ({source}); wrote {args.out}")
-    _register(result, args)
+    if registered:
+        print(registered)
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    act_bits = args.act_bits if args.act_bits is not None else (8 if args.bits else 0)
-    recipe = _recipe(args, prune_amount=args.prune, prune_kind=args.prune_kind, prune_scope=args.scope,
-                     prune_schedule=args.schedule, prune_steps=args.steps, prune_exclude=tuple(args.exclude),
-                     finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, weight_bits=args.bits,
-                     act_bits=act_bits, quant_symmetric=not args.asymmetric, quant_granularity=args.granularity,
-                     calibration=args.calibration, qat_epochs=args.qat, fold_bn=args.fold_bn,
-                     ort_quant=args.ort_quant)
+    from .recipe import run
+
+    recipe = _compress_recipe(args)
     if not recipe.compressed:
         raise WorkbenchError("nothing to compress: give a pruning amount (--prune 0.8), bits (--bits 8), "
                              "--fold-bn or --ort-quant")
-    r = _run_and_copy(recipe, args)
-    from .recipe import run
-
-    dense = run(recipe.dense(), data=_load_data(args.dataset, args.data_root, args.seed))
-    best = min(r.sparse_bytes, key=r.sparse_bytes.get)
+    _check_register(args)
+    with _Outputs() as outs:
+        outs.add(args.out, "--out", "model.pt")
+        if args.onnx is not None:
+            outs.add(args.onnx, "--onnx", "model.onnx")
+        ds = _load_data(args.dataset, args.data_root, args.seed)
+        r = run(recipe, data=ds, use_cache=not args.no_cache)
+        shutil.copyfile(r.checkpoint_path, outs.tmp(args.out))
+        if args.onnx is not None:
+            shutil.copyfile(r.onnx_path, outs.tmp(args.onnx))
+        dense = run(recipe.dense(), data=ds)
+        registered = _register(r, args)
+    best = min(r.sparse_bytes, key=r.sparse_bytes.get) if r.sparse_bytes else None
     steps = []
     if recipe.prune_amount:
         steps.append(f"{recipe.prune_kind} pruning {recipe.prune_amount:.0%} "
@@ -123,20 +238,17 @@ def cmd_compress(args: argparse.Namespace) -> None:
     print(f"  ORT batch-1    {dense.latency_ort_b1.p50_us:.0f} us -> {r.latency_ort_b1.p50_us:.0f} us (p50"
           + (", fake-quantized float graph: real int8 speed is chapter 8" if recipe.quantized else "") + ")")
     print(f"wrote {args.out}" + (f" and {args.onnx}" if args.onnx else ""))
-    _register(r, args)
+    if registered:
+        print(registered)
 
 
 def _load(path: str):
-    """The model of a checkpoint written by train/compress (quantized ones included), with its header."""
-    import torch
-
+    """The model of a checkpoint written by train/compress (quantized ones included), its spec and metadata."""
+    from .models import read_checkpoint
     from .recipe import load_model
 
-    model = load_model(path)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    spec = dict(payload["spec"])
-    spec["options"] = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("options", {}).items()}
-    return model, spec, payload.get("metadata", {})
+    payload = read_checkpoint(path)  # one sentence for anything that is not a sound checkpoint
+    return load_model(path), payload["spec"], payload["metadata"]
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -159,41 +271,62 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"test accuracy: {ev.accuracy:.4f} on {ev.n} {ds.name} test examples (seed {ds.seed})")
 
 
+def _provider_names(text: str | None) -> str | list[str] | None:
+    """--providers as resolve_providers takes it, checked before anything is exported."""
+    from . import onnx as wonnx
+
+    if text is None:
+        return None
+    names = "auto" if text.strip().lower() == "auto" else [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise WorkbenchError(f"--providers is empty ({text!r}); give auto or names such as cuda,cpu")
+    wonnx.resolve_providers(names)  # an unknown or uninstalled provider fails here, before any file is written
+    return names
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from . import measure
     from . import onnx as wonnx
 
     model, spec, meta = _load(args.checkpoint)
+    providers = _provider_names(args.providers)
+    out = Path(args.out)
+    if str(args.out) and out.resolve() == Path(args.checkpoint).resolve():
+        raise WorkbenchError(f"--out {args.out!r} would overwrite the checkpoint it exports; "
+                             f"give the ONNX file its own name such as {str(out.with_suffix('.onnx'))!r}")
     recipe = meta.get("recipe", {})
-    path = wonnx.export(model, args.out, input_shape=tuple(spec["input_shape"]))
-    print(f"wrote {path} ({measure.file_bytes(path) / 1024:.1f} KB), onnx.checker passed")
-    if recipe.get("dataset"):
-        ds = _load_data(recipe["dataset"], args.data_root, int(recipe.get("seed", 0)))
-        p = wonnx.parity(model, path, ds.X_test)
-        print(f"parity vs PyTorch on {p.n} test examples: max abs err {p.max_abs_err:.2e}, "
-              f"top-1 agreement {p.top1_agreement:.4f}")
-    if args.opt_level:
-        import onnx
+    lines = []
+    with _Outputs() as outs:
+        outs.add(args.out, "--out", "model.onnx")
+        opt_path = out.with_name(f"{out.stem}.{args.opt_level}.onnx") if args.opt_level else None
+        if opt_path:
+            outs.add(opt_path, "the --opt-level output", "model.onnx")
+        path = wonnx.export(model, outs.tmp(out), input_shape=tuple(spec["input_shape"]))
+        lines.append(f"wrote {out} ({measure.file_bytes(path) / 1024:.1f} KB), onnx.checker passed")
+        if recipe.get("dataset"):
+            ds = _load_data(recipe["dataset"], args.data_root, int(recipe.get("seed", 0)))
+            p = wonnx.parity(model, path, ds.X_test)
+            lines.append(f"parity vs PyTorch on {p.n} test examples: max abs err {p.max_abs_err:.2e}, "
+                         f"top-1 agreement {p.top1_agreement:.4f}")
+        if opt_path:
+            import onnx
 
-        graph = wonnx.optimized_graph(path, args.opt_level)
-        opt_path = path.with_name(f"{path.stem}.{args.opt_level}.onnx")
-        tmp = opt_path.with_name(f".{opt_path.name}.tmp")
-        onnx.save(graph, str(tmp))
-        tmp.replace(opt_path)
-        ops: dict[str, int] = {}
-        for node in graph.graph.node:
-            ops[node.op_type] = ops.get(node.op_type, 0) + 1
-        print(f"wrote {opt_path}: {len(graph.graph.node)} nodes after '{args.opt_level}' optimization: "
-              + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
-    if args.providers:
-        import numpy as np
+            graph = wonnx.optimized_graph(path, args.opt_level)
+            onnx.save(graph, str(outs.tmp(opt_path)))
+            ops: dict[str, int] = {}
+            for node in graph.graph.node:
+                ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            lines.append(f"wrote {opt_path}: {len(graph.graph.node)} nodes after '{args.opt_level}' optimization: "
+                         + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
+        if providers:
+            import numpy as np
 
-        x = np.zeros((1, *spec["input_shape"]), dtype=np.float32)
-        names = args.providers if args.providers == "auto" else args.providers.split(",")
-        rep = wonnx.provider_report(path, x, providers=names)
-        print(f"providers: asked {', '.join(rep.requested)}; session uses {', '.join(rep.session_providers)}"
-              + ("  (FELL BACK: the first provider could not start)" if rep.fell_back else ""))
-        print("nodes per provider: " + ", ".join(f"{k} {v}" for k, v in rep.counts().items()))
+            x = np.zeros((1, *spec["input_shape"]), dtype=np.float32)
+            rep = wonnx.provider_report(path, x, providers=providers)
+            lines.append(f"providers: asked {', '.join(rep.requested)}; session uses {', '.join(rep.session_providers)}"
+                         + ("  (FELL BACK: the first provider could not start)" if rep.fell_back else ""))
+            lines.append("nodes per provider: " + ", ".join(f"{k} {v}" for k, v in rep.counts().items()))
+    print("\n".join(lines))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -215,31 +348,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Choices are the library's own constants and defaults the Recipe's, so the CLI never drifts from them.
     from . import __version__
     from .data import DATASETS
-    from .onnx import OPT_LEVELS
     from .models import MODELS
-    from .ort import MODES as ORT_MODES
+    from .onnx import OPT_LEVELS
+    from .quant import CALIBRATIONS, GRANULARITIES
+    from .recipe import ORT_QUANT_MODES, PRUNE_KINDS, PRUNE_SCHEDULES, PRUNE_SCOPES
     from .schedules import KINDS
     from .train import OPTIMIZERS
 
-    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split(":")[0] + ".")
+    parser = _Parser(prog="workbench", description=__doc__.split(":")[0] + ".")
     parser.add_argument("--version", action="version", version=f"workbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def training_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="mlp", choices=list(MODELS))
-        p.add_argument("--dataset", default="digits", choices=list(DATASETS))
+        p.add_argument("--model", default=_default("model"), choices=list(MODELS))
+        p.add_argument("--dataset", default=_default("dataset"), choices=list(DATASETS))
         p.add_argument("--data-root", help="folder with the dataset files (mnist, fashion-mnist, cifar10)")
-        p.add_argument("--epochs", type=int, default=30)
-        p.add_argument("--lr", type=float, default=1e-3)
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS))
-        p.add_argument("--weight-decay", type=float, default=0.0)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--epochs", type=int, default=_default("epochs"))
+        p.add_argument("--lr", type=float, default=_default("lr"))
+        p.add_argument("--batch-size", type=int, default=_default("batch_size"))
+        p.add_argument("--optimizer", default=_default("optimizer"), choices=list(OPTIMIZERS))
+        p.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+        p.add_argument("--seed", type=int, default=_default("seed"))
         p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                        help="model option, repeatable (e.g. --option batchnorm=false --option hidden=[512,256])")
-        p.add_argument("--lr-schedule", default="constant", choices=list(KINDS),
+        p.add_argument("--lr-schedule", default=_default("lr_schedule"), choices=list(KINDS),
                        help="learning-rate decay over the training epochs (chapter 7)")
         p.add_argument("--lr-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                        help="schedule setting, repeatable: gamma, power, min_lr_ratio, step_epochs, warmup_epochs, "
@@ -262,27 +397,29 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compress a model of the zoo through the Recipe pipeline and compare it with "
                                    "the dense model (both cached).")
     training_flags(p)
-    p.add_argument("--prune", type=float, default=0.0, metavar="AMOUNT",
+    p.add_argument("--prune", type=float, default=_default("prune_amount"), metavar="AMOUNT",
                    help="fraction of weights (unstructured) or channels (structured) to remove, in [0, 1)")
-    p.add_argument("--prune-kind", default="unstructured", choices=["unstructured", "structured"])
-    p.add_argument("--scope", default="global", choices=["global", "layer", "sensitivity"],
+    p.add_argument("--prune-kind", default=_default("prune_kind"), choices=list(PRUNE_KINDS))
+    p.add_argument("--scope", default=_default("prune_scope"), choices=list(PRUNE_SCOPES),
                    help="unstructured: rank weights over all layers together (global), within each layer, or "
                    "per-layer amounts (at most --prune) from a sensitivity scan")
-    p.add_argument("--schedule", default="oneshot", choices=["oneshot", "gradual"],
+    p.add_argument("--schedule", default=_default("prune_schedule"), choices=list(PRUNE_SCHEDULES),
                    help="gradual: Zhu & Gupta's cubic schedule in --steps rounds")
-    p.add_argument("--steps", type=int, default=4, help="rounds of the gradual schedule")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after (each round of) pruning")
-    p.add_argument("--finetune-lr", type=float, default=None, help="default: --lr / 10")
+    p.add_argument("--steps", type=int, default=_default("prune_steps"), help="rounds of the gradual schedule")
+    p.add_argument("--finetune-epochs", type=int, default=_default("finetune_epochs"),
+                   help="fine-tuning epochs after (each round of) pruning")
+    p.add_argument("--finetune-lr", type=float, default=_default("finetune_lr"), help="default: --lr / 10")
     p.add_argument("--exclude", action="append", default=[], metavar="LAYER", help="layer to keep dense, repeatable")
-    p.add_argument("--bits", type=int, default=0, help="weight bits (1..16; 0 keeps float weights)")
+    p.add_argument("--bits", type=int, default=_default("weight_bits"),
+                   help="weight bits (1..16; 0 keeps float weights)")
     p.add_argument("--act-bits", type=int, default=None, help="activation bits (default 8 with --bits, else 0)")
-    p.add_argument("--granularity", default="per-channel", choices=["per-channel", "per-tensor", "per-group"])
+    p.add_argument("--granularity", default=_default("quant_granularity"), choices=list(GRANULARITIES))
     p.add_argument("--asymmetric", action="store_true", help="asymmetric weight ranges (default symmetric)")
-    p.add_argument("--calibration", default="minmax", choices=["minmax", "moving_average", "percentile", "mse"])
-    p.add_argument("--qat", type=int, nargs="?", const=3, default=0, metavar="EPOCHS",
+    p.add_argument("--calibration", default=_default("calibration"), choices=list(CALIBRATIONS))
+    p.add_argument("--qat", type=int, nargs="?", const=3, default=_default("qat_epochs"), metavar="EPOCHS",
                    help="quantization-aware training epochs after calibration (--qat alone: 3)")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding Conv/Linear layer")
-    p.add_argument("--ort-quant", default="none", choices=["none", *ORT_MODES],
+    p.add_argument("--ort-quant", default=_default("ort_quant"), choices=list(ORT_QUANT_MODES),
                    help="quantize the exported ONNX model to int8 with ONNX Runtime: dynamic, static (QDQ, "
                         "calibrated on training images) or auto (static for convolutions, dynamic otherwise)")
     p.add_argument("--onnx", metavar="PATH", help="also write the compressed model's ONNX file")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import numbers
+import operator
 import os
+import reprlib
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -20,9 +23,12 @@ __all__ = [
     "CNN",
     "Attention",
     "ViT",
+    "MAX_PARAMS",
     "build",
+    "param_count",
     "width_options",
     "save_checkpoint",
+    "read_checkpoint",
     "load_checkpoint",
 ]
 
@@ -146,43 +152,28 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
+# Builders: construct a model from options already checked by `_checked_options` and `_PARAM_COUNTS`.
 def _mlp(c: int, h: int, w: int, num_classes: int, hidden: tuple[int, ...] = (256, 128), dropout: float = 0.0):
-    if not hidden or any(int(n) < 1 for n in hidden):
-        raise WorkbenchError(f"mlp hidden sizes must be positive integers, got {hidden!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise WorkbenchError(f"mlp dropout must be in [0, 1), got {dropout}")
-    return MLP(c * h * w, num_classes, tuple(int(n) for n in hidden), dropout)
+    return MLP(c * h * w, num_classes, hidden, dropout)
 
 
-def _lenet300(c: int, h: int, w: int, num_classes: int, hidden: tuple[int, int] = (300, 100)):
+def _lenet300(c: int, h: int, w: int, num_classes: int, hidden: tuple[int, ...] = (300, 100)):
     # `hidden` exists so that a structurally pruned LeNet-300-100 can be rebuilt from its checkpoint.
-    return _mlp(c, h, w, num_classes, hidden=hidden)
+    return MLP(c * h * w, num_classes, hidden)
 
 
 def _lenet5(c: int, h: int, w: int, num_classes: int, channels: tuple[int, int] = (20, 50), hidden: int = 500):
-    if min(h, w) < 16:
-        raise WorkbenchError(
-            f"lenet5 needs images of at least 16x16 (two 5x5 convs and two 2x2 pools); got {h}x{w}. "
-            "Use dataset 'digits28' (the digits resized to 28x28) or mnist."
-        )
-    return LeNet5(c, num_classes, (h, w), tuple(int(n) for n in channels), int(hidden))
+    return LeNet5(c, num_classes, (h, w), channels, hidden)
 
 
 def _cnn(c: int, h: int, w: int, num_classes: int, batchnorm: bool = True,
-         channels: tuple[int, int] = (32, 64), hidden: int = 128):
-    if min(h, w) < 4:
-        raise WorkbenchError(f"cnn needs images of at least 4x4 (two 2x2 pools); got {h}x{w}")
-    return CNN(c, num_classes, (h, w), tuple(int(n) for n in channels), int(hidden), bool(batchnorm))
+         channels: tuple[int, ...] = (32, 64), hidden: int = 128):
+    return CNN(c, num_classes, (h, w), channels, hidden, batchnorm)
 
 
 def _vit(c: int, h: int, w: int, num_classes: int, patch_size: int | None = None,
          dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 2):
-    patch = patch_size or (2 if max(h, w) <= 16 else 4)
-    if h % patch or w % patch:
-        raise WorkbenchError(f"vit patch_size {patch} must divide the image size {h}x{w}")
-    if dim % heads:
-        raise WorkbenchError(f"vit dim ({dim}) must be divisible by heads ({heads})")
-    return ViT(c, num_classes, (h, w), patch, dim, depth, heads, mlp_ratio)
+    return ViT(c, num_classes, (h, w), _vit_patch(h, w, patch_size), dim, depth, heads, mlp_ratio)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -192,6 +183,164 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": _cnn,
     "vit": _vit,
 }
+# The largest model `build` makes (and a checkpoint may ask for): 100M float32 parameters are 400 MB,
+# far above the zoo's sizes; a typo such as hidden=[200000,200000] would otherwise try to allocate 160 GB.
+MAX_PARAMS = 100_000_000
+
+
+def _vit_patch(h: int, w: int, patch_size: int | None) -> int:
+    patch = patch_size or (2 if max(h, w) <= 16 else 4)
+    if h % patch or w % patch:
+        raise WorkbenchError(f"vit patch_size {patch} must divide the image size {h}x{w}")
+    return patch
+
+
+def _linear(n_in: int, n_out: int, bias: bool = True) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def _conv(c_in: int, c_out: int, kernel: int, bias: bool = True) -> int:
+    return c_in * c_out * kernel * kernel + (c_out if bias else 0)
+
+
+# Parameter counts from the checked options alone (nothing is allocated), with each model's own checks;
+# tests hold them equal to the built models' counts.
+def _mlp_params(c: int, h: int, w: int, num_classes: int, hidden: tuple[int, ...], dropout: float = 0.0) -> int:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise WorkbenchError(f"mlp dropout must be a number in [0, 1), got {dropout!r}")
+    widths = [c * h * w, *hidden, num_classes]
+    return sum(_linear(a, b) for a, b in zip(widths, widths[1:]))
+
+
+def _lenet300_params(c: int, h: int, w: int, num_classes: int, hidden: tuple[int, ...]) -> int:
+    return _mlp_params(c, h, w, num_classes, hidden)
+
+
+def _lenet5_params(c: int, h: int, w: int, num_classes: int, channels: tuple[int, ...], hidden: int) -> int:
+    if min(h, w) < 16:
+        raise WorkbenchError(
+            f"lenet5 needs images of at least 16x16 (two 5x5 convs and two 2x2 pools); got {h}x{w}. "
+            "Use dataset 'digits28' (the digits resized to 28x28) or mnist."
+        )
+    if len(channels) != 2:
+        raise WorkbenchError(f"lenet5 option channels must be a list of 2 positive integers such as [20, 50], "
+                             f"got {list(channels)!r}")
+    # 5x5 valid conv (-4), 2x2 pool (/2), twice.
+    fh, fw = (((s - 4) // 2 - 4) // 2 for s in (h, w))
+    return (_conv(c, channels[0], 5) + _conv(channels[0], channels[1], 5) + _linear(channels[1] * fh * fw, hidden)
+            + _linear(hidden, num_classes))
+
+
+def _cnn_params(c: int, h: int, w: int, num_classes: int, batchnorm: bool, channels: tuple[int, ...],
+                hidden: int) -> int:
+    side = 2 ** len(channels)
+    if min(h, w) < side:
+        raise WorkbenchError(f"cnn with {len(channels)} conv blocks needs images of at least {side}x{side} "
+                             f"({len(channels)} 2x2 pools); got {h}x{w}")
+    total, c_in = 0, c
+    for c_out in channels:
+        total += _conv(c_in, c_out, 3, bias=not batchnorm) + (2 * c_out if batchnorm else 0)
+        c_in = c_out
+    return total + _linear(c_in * (h // side) * (w // side), hidden) + _linear(hidden, num_classes)
+
+
+def _vit_params(c: int, h: int, w: int, num_classes: int, patch_size: int | None, dim: int, depth: int,
+                heads: int, mlp_ratio: int) -> int:
+    patch = _vit_patch(h, w, patch_size)
+    if dim % heads:
+        raise WorkbenchError(f"vit dim ({dim}) must be divisible by heads ({heads})")
+    tokens = (h // patch) * (w // patch) + 1  # patches and the class token
+    block = (2 * 2 * dim + _linear(dim, 3 * dim) + _linear(dim, dim)  # two LayerNorms, attention
+             + _linear(dim, mlp_ratio * dim) + _linear(mlp_ratio * dim, dim))
+    return _conv(c, dim, patch) + dim + tokens * dim + depth * block + 2 * dim + _linear(dim, num_classes)
+
+
+_PARAM_COUNTS: dict[str, Callable[..., int]] = {
+    "mlp": _mlp_params,
+    "lenet300": _lenet300_params,
+    "lenet5": _lenet5_params,
+    "cnn": _cnn_params,
+    "vit": _vit_params,
+}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1  # numpy ints too
+
+
+def _checked_options(key: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of model `key`, defaults filled in, each checked against the kind of its default.
+
+    Options come from users (``--option hidden=[512,256]``) and from checkpoints, so a string or a
+    float where a width belongs gets a sentence, not a TypeError from deep inside torch.
+    """
+    params = inspect.signature(MODELS[key]).parameters
+    checked = {}
+    for name, param in params.items():
+        if name in ("c", "h", "w", "num_classes"):
+            continue
+        value, default = options.get(name, param.default), param.default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise WorkbenchError(f"{key} option {name} must be true or false, got {value!r}")
+        elif isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)) or not value or not all(_positive_int(v) for v in value):
+                raise WorkbenchError(f"{key} option {name} must be a list of positive integers such as "
+                                     f"{list(default)}, got {value!r}")
+            value = tuple(int(v) for v in value)
+        elif isinstance(default, int) or (default is None and value is not None):
+            if not _positive_int(value):
+                raise WorkbenchError(f"{key} option {name} must be a positive integer"
+                                     f"{'' if default is None else f' such as {default}'}, got {value!r}")
+            value = int(value)
+        checked[name] = value
+    return checked
+
+
+def _plan(name: str, input_shape: Any, num_classes: Any,
+          options: dict[str, Any]) -> tuple[str, tuple[int, int, int], int, dict[str, Any], int]:
+    """Check the arguments of `build` and count the parameters they ask for, allocating nothing."""
+    key = str(name).lower()
+    if key not in MODELS:
+        raise WorkbenchError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    try:
+        shape = tuple(operator.index(s) for s in input_shape)
+    except TypeError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise WorkbenchError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}")
+    try:
+        classes = operator.index(num_classes)
+    except TypeError:
+        classes = 0
+    if classes < 2:
+        raise WorkbenchError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
+    allowed = [p for p in inspect.signature(MODELS[key]).parameters if p not in ("c", "h", "w", "num_classes")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise WorkbenchError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for model {key!r}; "
+            f"allowed: {', '.join(allowed) if allowed else 'none'}"
+        )
+    checked = _checked_options(key, options)
+    return key, shape, classes, checked, _PARAM_COUNTS[key](*shape, classes, **checked)
+
+
+def param_count(name: str, *, input_shape: tuple[int, int, int], num_classes: int, **options: Any) -> int:
+    """The number of parameters :func:`build` would give this model, computed without building it.
+
+    Args:
+        name: one of ``MODELS``; input_shape, num_classes and options as for :func:`build`
+            (and checked the same way).
+
+    Returns:
+        The parameter count (BatchNorm's running statistics are buffers, not parameters).
+
+    Example:
+        >>> param_count("lenet5", input_shape=(1, 28, 28), num_classes=10)
+        431080
+    """
+    return _plan(name, input_shape, num_classes, options)[-1]
 
 
 def width_options(model: nn.Module) -> dict[str, Any]:
@@ -224,28 +373,23 @@ def build(name: str, *, input_shape: tuple[int, int, int], num_classes: int, see
     Returns:
         The model in eval mode.
 
+    Raises:
+        WorkbenchError: an unknown model or option, an option value of the wrong kind, images too
+            small for the model, or more than ``MAX_PARAMS`` parameters (counted before allocating).
+
     Example:
         >>> m = build("cnn", input_shape=(1, 8, 8), num_classes=10, batchnorm=False)
     """
-    key = str(name).lower()
-    if key not in MODELS:
-        raise WorkbenchError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    if len(tuple(input_shape)) != 3 or any(int(s) < 1 for s in input_shape):
-        raise WorkbenchError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}")
-    if int(num_classes) < 2:
-        raise WorkbenchError(f"num_classes must be at least 2, got {num_classes}")
-    builder = MODELS[key]
-    allowed = [p for p in inspect.signature(builder).parameters if p not in ("c", "h", "w", "num_classes")]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
+    key, (c, h, w), num_classes, checked, n = _plan(name, input_shape, num_classes, options)
+    if n > MAX_PARAMS:
         raise WorkbenchError(
-            f"unknown option(s) {', '.join(unknown)} for model {key!r}; "
-            f"allowed: {', '.join(allowed) if allowed else 'none'}"
+            f"{key} with {reprlib.repr(options) if options else 'its default options'} on {c}x{h}x{w} inputs would "
+            f"have {n:,} parameters; the limit is {MAX_PARAMS:,} ({MAX_PARAMS * 4 / 1e9:.1f} GB of float32 weights, "
+            "workbench.models.MAX_PARAMS): choose smaller widths or fewer layers"
         )
-    c, h, w = (int(s) for s in input_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = builder(c, h, w, int(num_classes), **options)
+        model = MODELS[key](c, h, w, num_classes, **checked)
     return model.eval()
 
 
@@ -281,16 +425,29 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, spec: dict[str
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save_checkpoint` (with ``torch.load(weights_only=True)``).
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked contents of a checkpoint written by :func:`save_checkpoint`, without building the model.
+
+    Args:
+        path: the ``.pt`` file.
 
     Returns:
-        ``(model, info)`` where info holds ``spec`` and ``metadata``.
+        ``{"format", "spec", "metadata", "state_dict"}``; the spec's list options are tuples again.
 
     Raises:
-        WorkbenchError: the file is missing, not a torch file, or not a workbench checkpoint.
+        WorkbenchError: the path is empty, a folder or missing; the file is not a torch file, holds
+            code, is not a workbench checkpoint, or lacks part of its spec or its weights.
+
+    Example:
+        >>> read_checkpoint("model.pt")["spec"]["input_shape"]
+        [1, 8, 8]
     """
+    if not str(path):
+        raise WorkbenchError("the checkpoint path is empty; give the .pt file written by `workbench train`")
     path = Path(path)
+    if path.is_dir():
+        raise WorkbenchError(f"{str(path)!r} is a folder, not a checkpoint; give the .pt file written by "
+                             "`workbench train`")
     if not path.is_file():
         raise WorkbenchError(f"checkpoint {str(path)!r} does not exist (expected a file written by `workbench train`)")
     if not zipfile.is_zipfile(path):
@@ -313,11 +470,39 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
             f"{str(path)!r} is a torch file but not a workbench checkpoint (no '{CHECKPOINT_FORMAT}' header); "
             "write one with `workbench train` or workbench.models.save_checkpoint"
         )
+    again = "; write it again with `workbench train` or workbench.models.save_checkpoint"
+    spec = payload.get("spec")
+    if not isinstance(spec, dict):
+        raise WorkbenchError(f"{str(path)!r} is a workbench checkpoint without a spec (the arguments of build){again}")
+    for key in ("name", "input_shape", "num_classes"):
+        if key not in spec:
+            raise WorkbenchError(f"{str(path)!r} is a workbench checkpoint but its spec has no {key!r} "
+                                 f"(a spec holds name, input_shape, num_classes and options){again}")
+    options = spec.get("options", {})
+    if not isinstance(options, dict):
+        raise WorkbenchError(f"{str(path)!r}: the spec's options must be a dict of model options, got {options!r}")
+    if not isinstance(payload.get("state_dict"), dict):
+        raise WorkbenchError(f"{str(path)!r} is a workbench checkpoint but has no 'state_dict' (the weights){again}")
+    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items()}
+    return {**payload, "spec": {**spec, "options": options}, "metadata": payload.get("metadata") or {}}
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint` (with ``torch.load(weights_only=True)``).
+
+    Returns:
+        ``(model, info)`` where info holds ``spec`` and ``metadata``.
+
+    Raises:
+        WorkbenchError: see :func:`read_checkpoint`; also when the spec asks for a model :func:`build`
+            refuses (more than ``MAX_PARAMS`` parameters, say) or the weights do not fit it.
+    """
+    payload = read_checkpoint(path)
     spec = payload["spec"]
-    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.get("options", {}).items()}
-    model = build(spec["name"], input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"], **options)
+    model = build(spec["name"], input_shape=spec["input_shape"], num_classes=spec["num_classes"], **spec["options"])
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise WorkbenchError(f"{str(path)!r}: weights do not fit model {spec['name']!r}: {str(exc)[:300]}") from None
-    return model.eval(), {"spec": {**spec, "options": options}, "metadata": payload.get("metadata", {})}
+        reason = " ".join(str(exc).split())[:300]
+        raise WorkbenchError(f"{str(Path(path))!r}: weights do not fit model {spec['name']!r}: {reason}") from None
+    return model.eval(), {"spec": spec, "metadata": payload["metadata"]}

@@ -48,7 +48,7 @@ def prunable_layers(model: nn.Module, *, exclude: tuple[str, ...] = (), exclude_
         raise WorkbenchError(f"{type(model).__name__} has no prunable layers (nn.Linear or nn.Conv2d)")
     unknown = sorted(set(exclude) - set(layers))
     if unknown:
-        raise WorkbenchError(f"unknown layer(s) {', '.join(unknown)} in exclude; prunable layers: {', '.join(layers)}")
+        raise WorkbenchError(f"unknown layer(s) {', '.join(map(repr, unknown))} in exclude; prunable layers: {', '.join(layers)}")
     names = list(layers)
     drop = set(exclude) | ({names[0]} if exclude_first else set()) | ({names[-1]} if exclude_last else set())
     kept = {n: m for n, m in layers.items() if n not in drop}

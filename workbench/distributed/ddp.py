@@ -183,8 +183,9 @@ def train(cfg: DDPConfig, w: worker.Worker, data: Dataset | None = None) -> tupl
     """
     data = data or load(cfg.dataset, seed=cfg.seed)
     model = initial_model(cfg, data).to(w.device)
-    # A group of its own for gradient traffic, so that only the hook's bytes are counted.
-    group = dist.new_group(list(range(w.world_size)))
+    # A group of its own for gradient traffic, so that only the hook's bytes are counted; made by
+    # worker.new_group so that it times out like the default group (not after gloo's 30 minutes).
+    group = worker.new_group(w)
     ddp = DDP(model, process_group=group, device_ids=[w.device.index] if w.device.type == "cuda" else None)
     stats = compress.CommStats(world_size=w.world_size)
     state, hook = compress.make_hook(cfg.hook, group, powersgd_rank=cfg.powersgd_rank, topk_ratio=cfg.topk_ratio,

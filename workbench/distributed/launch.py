@@ -10,11 +10,14 @@ retried; here the port is chosen, and changed if it turns out to be taken.) Each
 results to a temporary folder (see :mod:`workbench.distributed.worker`); they come back as a
 list of dicts, one per rank. When a rank dies, torchrun stops the others within a fraction of a
 second; this function then raises a :class:`LaunchError` that names the rank and its error, and
-kills anything left of the job, so no process outlives the call.
+kills anything left of the job, so no process outlives the call. A rank that is stopped (SIGSTOP,
+a debugger) neither fails nor dies, and torchrun would wait on it; the launcher watches the ranks'
+process states and ends the job once one has been stopped for the collective timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -28,7 +31,7 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -41,6 +44,8 @@ RESULTS_ENV = "WORKBENCH_DIST_RESULTS"
 TIMEOUT_ENV = "WORKBENCH_DIST_TIMEOUT_S"
 LAUNCH_ID_ENV = "WORKBENCH_LAUNCH_ID"
 _PORT_RETRIES = 3
+DEFAULT_COLLECTIVE_TIMEOUT_S = 30.0
+_WATCH_EVERY_S = 0.5  # how often the ranks' process states are read
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,72 @@ def _native_report(output: str, fault_file: Path) -> str:
     return "\n".join(lines + (["Python stacks at the signal (faulthandler):"] + stacks[:30] if stacks else []))
 
 
+def _rank_states(parent: int, ranks: dict[int, int]) -> dict[int, tuple[int, str]]:
+    """{rank: (pid, state letter)} of torchrun's worker processes, from /proc (empty elsewhere).
+
+    `ranks` caches pid -> rank (read once from the process's ``RANK`` environment variable).
+    """
+    states: dict[int, tuple[int, str]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return states
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            stat = (entry / "stat").read_text()
+            state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+            if int(ppid) != parent:
+                continue
+            if pid not in ranks:
+                env = (entry / "environ").read_bytes().split(b"\0")
+                found = [int(e[5:]) for e in env if e.startswith(b"RANK=") and e[5:].isdigit()]
+                if not found:
+                    continue
+                ranks[pid] = found[0]
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+        states[ranks[pid]] = (pid, state)
+    return states
+
+
+@dataclass
+class _StallWatch:
+    """Notices a rank whose process stays stopped (state T: SIGSTOP, SIGTSTP; t: a debugger) for `after` seconds.
+
+    Such a rank never reaches its collective's timeout and does not die of torchrun's SIGTERM
+    (a stopped process only takes SIGKILL), so without this the job would wait on it.
+    """
+
+    parent: int
+    after: float
+    since: dict = field(default_factory=dict)   # rank -> (pid, when it was first seen stopped)
+    ranks: dict = field(default_factory=dict)   # pid -> rank
+    checked: float = 0.0
+
+    def check(self) -> tuple[int, int, float] | None:
+        """(rank, pid, seconds stopped) of a rank stopped for `after` seconds, else None (reads /proc every 0.5 s)."""
+        now = time.monotonic()
+        if now - self.checked < _WATCH_EVERY_S:
+            return None
+        self.checked = now
+        states = _rank_states(self.parent, self.ranks)
+        for rank, (pid, state) in states.items():
+            if state not in ("T", "t"):
+                self.since.pop(rank, None)
+            elif self.since.get(rank, (None,))[0] != pid:
+                self.since[rank] = (pid, now)
+        for rank in list(self.since):
+            if rank not in states:  # gone
+                del self.since[rank]
+        stalled = [(now - t, rank, pid) for rank, (pid, t) in self.since.items() if now - t >= self.after]
+        if not stalled:
+            return None
+        seconds, rank, pid = max(stalled)
+        return rank, pid, seconds
+
+
 def _read_lines(stream, q: queue.Queue) -> None:
     for line in iter(stream.readline, ""):
         q.put(line.rstrip("\n"))
@@ -236,8 +307,10 @@ def _read_lines(stream, q: queue.Queue) -> None:
 
 
 def _run_once(cmd: list[str], env: dict[str, str], *, timeout: float, launch_id: str,
-              echo: Callable[[str], None] | None) -> tuple[int | None, str, bool]:
-    """Run torchrun; return (exit code or None on timeout, all output, port taken?)."""
+              echo: Callable[[str], None] | None, stall_after: float | None = None,
+              ) -> tuple[int | None, str, bool, tuple[int, int, float] | None]:
+    """Run torchrun; return (exit code or None on timeout or stall, all output, port taken?,
+    (rank, pid, seconds) of a rank stopped for `stall_after` seconds, which ended the job)."""
     # A session of its own, so that one killpg reaches torchrun and anything it forked.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
@@ -247,8 +320,16 @@ def _run_once(cmd: list[str], env: dict[str, str], *, timeout: float, launch_id:
     reader.start()
     deadline = time.monotonic() + timeout
     timed_out = swept = False
+    watch = _StallWatch(proc.pid, stall_after) if stall_after else None
+    stalled = None
     try:
         while True:
+            if watch is not None and not swept and (stalled := watch.check()) is not None:
+                # It cannot take SIGTERM while stopped: kill it now, so that torchrun's own
+                # shutdown (SIGTERM to every rank, then a 30 s wait) does not wait on it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stalled[1], signal.SIGKILL)
+                break
             try:
                 line = q.get(timeout=0.1)
             except queue.Empty:
@@ -266,7 +347,7 @@ def _run_once(cmd: list[str], env: dict[str, str], *, timeout: float, launch_id:
             lines.append(line)
             if echo is not None and line.startswith("[rank"):
                 echo(line)
-        if not timed_out:
+        if not timed_out and stalled is None:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -276,12 +357,12 @@ def _run_once(cmd: list[str], env: dict[str, str], *, timeout: float, launch_id:
         _kill_job(proc, launch_id)
     reader.join(timeout=1)
     output = "\n".join(lines)
-    port_taken = "EADDRINUSE" in output and "Root Cause" not in output
-    return (None if timed_out else proc.returncode), output, port_taken
+    port_taken = "EADDRINUSE" in output and "Root Cause" not in output and stalled is None
+    return (None if timed_out or stalled else proc.returncode), output, port_taken, stalled
 
 
 def launch(module: str, nprocs: int, args: Sequence[str] = (), *, timeout: float = 300.0,
-           env: Mapping[str, str] | None = None, collective_timeout: float = 30.0, port: int | None = None,
+           env: Mapping[str, str] | None = None, collective_timeout: float | None = None, port: int | None = None,
            progress: bool | Callable[[str], None] | None = None) -> list[dict]:
     """Run ``python -m <module> <args>`` on `nprocs` processes of this machine under torchrun.
 
@@ -292,7 +373,8 @@ def launch(module: str, nprocs: int, args: Sequence[str] = (), *, timeout: float
         args: its command-line arguments.
         timeout: seconds for the whole job; past it every process is killed and LaunchError raised.
         env: extra environment variables for the ranks (e.g. ``{"PYTHONPATH": ...}``).
-        collective_timeout: seconds any collective may wait for a peer before it fails.
+        collective_timeout: seconds any collective may wait for a peer before it fails (default
+            ``$WORKBENCH_DIST_TIMEOUT_S`` or 30); a rank stopped this long (SIGSTOP) ends the job.
         port: the rendezvous port to try first; if it is taken (or None), a free one is picked.
         progress: echo the ranks' ``[rank r] ...`` lines: True prints them, a callable receives them,
             None prints unless CI or WORKBENCH_PROGRESS=0.
@@ -302,8 +384,9 @@ def launch(module: str, nprocs: int, args: Sequence[str] = (), *, timeout: float
 
     Raises:
         WorkbenchError: bad arguments.
-        LaunchError: a rank failed (the message names the rank and its error), the job ran past
-            `timeout`, or the ranks' results are missing or disagree on the world size. A rank
+        LaunchError: a rank failed (the message names the rank and its error), a rank was stopped
+            for `collective_timeout` seconds (named), the job ran past `timeout`, or the ranks'
+            results are missing or disagree on the world size. A rank
             that dies of a signal after every rank has written its results (a crash while shutting
             down) is a RuntimeWarning instead, and the results are returned.
 
@@ -319,9 +402,17 @@ def launch(module: str, nprocs: int, args: Sequence[str] = (), *, timeout: float
                              f"got {module!r}")
     if isinstance(args, str):
         raise WorkbenchError(f"args must be a list of strings (one per word), got the string {args!r}")
+    given = collective_timeout
+    where = f" (from ${TIMEOUT_ENV})" if given is None else ""
+    if given is None:
+        given = os.environ.get(TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S)
+    try:
+        collective_timeout = float(given)
+    except (TypeError, ValueError):
+        collective_timeout = float("nan")  # refused just below
     if not timeout > 0 or not collective_timeout > 0:
         raise WorkbenchError(f"timeouts must be positive seconds, got timeout={timeout}, "
-                             f"collective_timeout={collective_timeout}")
+                             f"collective_timeout={given!r}{where}")
     echo = _echo(progress)
     launch_id = uuid.uuid4().hex
     start = time.monotonic()
@@ -338,13 +429,21 @@ def launch(module: str, nprocs: int, args: Sequence[str] = (), *, timeout: float
                    f"--nproc_per_node={nprocs}", "--master_addr=127.0.0.1", f"--master_port={candidate}",
                    "--max_restarts=0", "--monitor_interval=0.1", "-m", module, *[str(a) for a in args]]
             left = timeout - (time.monotonic() - start)
-            code, output, port_taken = _run_once(cmd, child_env, timeout=max(left, 1.0), launch_id=launch_id,
-                                                 echo=echo)
+            code, output, port_taken, stalled = _run_once(cmd, child_env, timeout=max(left, 1.0),
+                                                          launch_id=launch_id, echo=echo,
+                                                          stall_after=collective_timeout)
             if not port_taken:
                 break
         if port_taken:
             raise LaunchError(f"could not start {module}: ports {tried} were all taken by the time torchrun bound "
                               "them; retry, or free some ports", output=output)
+        if stalled is not None:
+            rank, pid, seconds = stalled
+            failure = RankFailure(rank, -signal.SIGKILL, f"stopped (pid {pid}) for {seconds:.0f} s, then killed",
+                                  root_cause=True)
+            raise LaunchError(f"{module} on {nprocs} processes: rank {rank} did not respond within "
+                              f"{collective_timeout:g} s (stopped or hung: its process {pid} was stopped, e.g. by "
+                              f"SIGSTOP); the job was ended and no process is left", [failure], output)
         if code is None:
             failures = _failures(output, results, nprocs)
             raise LaunchError(
@@ -370,9 +469,23 @@ def launch(module: str, nprocs: int, args: Sequence[str] = (), *, timeout: float
             detail = (f"rank {root.rank}'s {'report' if native else 'traceback'}:\n  "
                       + "\n  ".join(report if native else report[-12:]) if report else _tail(output))
             raise LaunchError(
-                f"{module} failed on rank {root.rank} of {nprocs}: {root.error}{_summary(failures[1:], 'then ')}. "
+                f"{module} failed on rank {root.rank} of {nprocs}: {root.error}"
+                f"{_silent_peer(failures, collective_timeout)}"
+                f"{_summary(failures[1:], 'then ')}. "
                 f"torchrun stopped the job; no process is left.\n{detail}", failures, output)
         return _collect(results, module, nprocs, output)
+
+
+def _silent_peer(failures: Sequence[RankFailure], collective_timeout: float) -> str:
+    """When the root cause is a collective's timeout and exactly one rank reported nothing (torchrun then
+    stopped it), that rank is the one its peers waited for: say so."""
+    if not failures or not re.search(r"timed out", failures[0].error, re.I):
+        return ""
+    silent = [f.rank for f in failures[1:] if f.exitcode == -signal.SIGTERM and not f.traceback
+              and f.error.startswith("stopped by torchrun")]
+    if len(silent) != 1:
+        return ""
+    return f" (rank {silent[0]} did not respond within {collective_timeout:g} s: stopped or hung)"
 
 
 def _echo(progress: bool | Callable[[str], None] | None) -> Callable[[str], None] | None:

@@ -8,7 +8,8 @@ process. :func:`launch.launch` adds three variables of its own:
   or ``rank{r}.error.json`` (the exception that killed it), which the launcher collects, and
   ``rank{r}.fault.txt`` (the Python stacks at a fatal signal: SIGABRT, SIGSEGV, ... from native code);
 - ``WORKBENCH_DIST_TIMEOUT_S``: the timeout of every collective, so a rank whose peer is gone
-  fails instead of waiting forever;
+  fails instead of waiting forever (groups beyond the default one must be made with
+  :func:`new_group`, which passes it on: ``dist.new_group`` alone gives gloo's 30 minutes);
 - ``WORKBENCH_LAUNCH_ID``: a tag the launcher uses to find (and kill) any process left behind.
 """
 
@@ -31,8 +32,8 @@ import torch.distributed as dist
 
 from workbench.errors import WorkbenchError
 
-__all__ = ["Worker", "backend_for", "init", "log", "write_result", "run_main", "RESULTS_ENV", "TIMEOUT_ENV",
-           "LAUNCH_ID_ENV"]
+__all__ = ["Worker", "backend_for", "init", "new_group", "log", "write_result", "run_main", "RESULTS_ENV",
+           "TIMEOUT_ENV", "LAUNCH_ID_ENV"]
 
 RESULTS_ENV = "WORKBENCH_DIST_RESULTS"
 TIMEOUT_ENV = "WORKBENCH_DIST_TIMEOUT_S"
@@ -50,6 +51,7 @@ class Worker:
     backend: str
     device: torch.device
     threads: int
+    timeout_s: float = DEFAULT_TIMEOUT_S  # of every collective, in every group
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -110,13 +112,38 @@ def init(*, threads: int = 1, timeout_s: float | None = None, expected_world_siz
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = backend_for(device)
-    timeout = float(timeout_s if timeout_s is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    timeout = _timeout(timeout_s)
     # The timeout bounds every collective and point-to-point wait: a rank whose peer died raises
     # after at most this long instead of hanging the whole job.
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
-    worker = Worker(rank, world_size, local_rank, backend, device, threads)
+    worker = Worker(rank, world_size, local_rank, backend, device, threads, timeout)
     log(worker, f"pid {os.getpid()}, {backend} on {device}, {threads} thread(s), world size {world_size}")
     return worker
+
+
+def _timeout(timeout_s: float | None) -> float:
+    raw = timeout_s if timeout_s is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    try:
+        timeout = float(raw)
+    except (TypeError, ValueError):
+        timeout = float("nan")
+    if not timeout > 0:
+        raise WorkbenchError(f"the collective timeout must be a positive number of seconds "
+                             f"(timeout_s or ${TIMEOUT_ENV}), got {raw!r}")
+    return timeout
+
+
+def new_group(worker: Worker, ranks: list[int] | None = None) -> Any:
+    """A process group over `ranks` (default: all) whose collectives time out like the default group's.
+
+    ``dist.new_group`` without a timeout falls back to the backend's default (30 minutes for gloo),
+    so a stopped or hung peer would hold a job in that group far past ``$WORKBENCH_DIST_TIMEOUT_S``.
+
+    Example:
+        >>> group = new_group(w)  # doctest: +SKIP  (under torchrun, after init)
+    """
+    ranks = list(range(worker.world_size)) if ranks is None else list(ranks)
+    return dist.new_group(ranks, timeout=datetime.timedelta(seconds=worker.timeout_s))
 
 
 def log(worker: Worker | int, message: str) -> None:

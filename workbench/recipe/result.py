@@ -113,24 +113,22 @@ class Result:
 
 def load_model(path: str | os.PathLike) -> nn.Module:
     """Load any checkpoint the pipeline wrote (``workbench train`` / ``compress``), quantized ones included."""
-    try:
+    payload = models.read_checkpoint(path)  # a clear error for a missing, foreign or incomplete file
+    recipe = payload["metadata"].get("recipe")
+    if not (isinstance(recipe, dict) and (recipe.get("weight_bits") or recipe.get("act_bits"))):
         return models.load_checkpoint(path)[0]
-    except WorkbenchError:
-        # A quantized checkpoint is a valid torch file whose weights sit inside FakeQuantLayers;
-        # anything else keeps the original, clear error.
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            payload = None
-        recipe = payload.get("metadata", {}).get("recipe") if isinstance(payload, dict) else None
-        if not isinstance(recipe, dict) or not (recipe.get("weight_bits") or recipe.get("act_bits")):
-            raise
+    # A quantized checkpoint's weights sit inside FakeQuantLayers: build the model, wrap it the way
+    # its recipe says, then load.
     spec = payload["spec"]
-    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.get("options", {}).items()}
     model = models.build(spec["name"], input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"],
-                         **options)
+                         **spec["options"])
     qmodel = quant.quantize_model(model, Recipe.from_dict(recipe).quant_config())
-    qmodel.load_state_dict(payload["state_dict"])
+    try:
+        qmodel.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise WorkbenchError(f"{str(path)!r}: the quantized weights do not fit model {spec['name']!r}: "
+                             f"{reason}") from exc
     return qmodel.eval()
 
 

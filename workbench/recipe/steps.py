@@ -49,6 +49,7 @@ CALIBRATION_IMAGES = 512
 # A bound on epochs that no run of this book comes near (the longest trains 100), so that a typo of
 # many digits is an error, not a job that runs for years or overflows an int64 step counter.
 MAX_EPOCHS = 1_000_000
+MAX_PRUNE_STEPS = 1000
 _INT_FIELDS = ("epochs", "batch_size", "seed", "threads", "latency_repeats", "prune_steps", "finetune_epochs",
                "weight_bits", "act_bits", "qat_epochs", "share_bits", "share_bits_conv", "share_epochs")
 
@@ -165,6 +166,11 @@ def _number(r: "Recipe", name: str, *, low: float, high: float = math.inf, low_o
         raise WorkbenchError(f"Recipe.{name} must be a finite number {bound}{hint}, got {value!r}")
 
 
+def _epochs(r: "Recipe", name: str, hint: str = "") -> None:
+    if not 0 <= getattr(r, name) <= MAX_EPOCHS:
+        raise WorkbenchError(f"Recipe.{name} must be in 0..{MAX_EPOCHS:,}{hint}, got {getattr(r, name)}")
+
+
 def _one_of(r: "Recipe", name: str, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if getattr(r, name) not in allowed:
@@ -182,11 +188,11 @@ def _validate_train(r: "Recipe") -> None:
         value = getattr(r, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise WorkbenchError(f"Recipe.{name} must be an integer, got {value!r}")
-    if not 0 <= r.epochs <= MAX_EPOCHS:
-        raise WorkbenchError(f"Recipe.epochs must be in 0..{MAX_EPOCHS:,} (0 measures the model untrained), "
-                             f"got {r.epochs}")
-    if r.batch_size < 1 or r.seed < 0:
-        raise WorkbenchError(f"Recipe.batch_size must be >= 1 and seed >= 0, got {r.batch_size} and {r.seed}")
+    _epochs(r, "epochs", " (0 measures the model untrained)")
+    if r.batch_size < 1:
+        raise WorkbenchError(f"Recipe.batch_size must be >= 1, got {r.batch_size}")
+    if not 0 <= r.seed < 2**63:
+        raise WorkbenchError(f"Recipe.seed must be in 0..2**63-1 (torch's seed range), got {r.seed}")
     _number(r, "lr", low=0, low_open=True, hint=" (e.g. 1e-3)")
     _number(r, "weight_decay", low=0, hint=" (0 turns it off; 1e-4..0.1 typical)")
     if r.optimizer not in OPTIMIZERS:
@@ -234,8 +240,9 @@ def _validate_prune(r: "Recipe") -> None:
     if r.prune_scope == "sensitivity" and r.prune_schedule == "gradual":
         raise WorkbenchError("prune_scope='sensitivity' sets per-layer amounts once (one-shot); "
                              "use scope 'global' or 'layer' with the gradual schedule")
-    if r.prune_steps < 1 or r.finetune_epochs < 0:
-        raise WorkbenchError("Recipe.prune_steps must be >= 1 and finetune_epochs >= 0")
+    if not 1 <= r.prune_steps <= MAX_PRUNE_STEPS:
+        raise WorkbenchError(f"Recipe.prune_steps must be in 1..{MAX_PRUNE_STEPS} (pruning rounds), got {r.prune_steps}")
+    _epochs(r, "finetune_epochs")
 
 
 def _apply_prune(ctx: Context) -> PruneRecord:
@@ -267,6 +274,7 @@ def _validate_share(r: "Recipe") -> None:
         raise WorkbenchError("Recipe.share_bits and share_bits_conv must be in 1..16 (0 turns sharing off)")
     if r.share_bits_conv < 1 or r.share_epochs < 0 or r.share_bits < 0:
         raise WorkbenchError("Recipe.share_bits must be >= 0, share_bits_conv >= 1 and share_epochs >= 0")
+    _epochs(r, "share_epochs")
     if r.share_epochs and not r.share_bits:
         raise WorkbenchError("Recipe.share_epochs fine-tunes shared weights: set share_bits too")
 
@@ -299,8 +307,9 @@ def _apply_fold(ctx: Context) -> FoldRecord:
 
 
 def _validate_quant(r: "Recipe") -> None:
-    if r.weight_bits < 0 or r.act_bits < 0 or r.qat_epochs < 0:
-        raise WorkbenchError("Recipe.weight_bits, act_bits and qat_epochs must be >= 0 (0 bits keeps floats)")
+    if r.weight_bits < 0 or r.act_bits < 0:
+        raise WorkbenchError("Recipe.weight_bits and act_bits must be >= 0 (0 bits keeps floats)")
+    _epochs(r, "qat_epochs")
     if r.quantized:
         if r.share_bits:
             raise WorkbenchError("choose one way to store weights in fewer bits: weight sharing (share_bits) or "

@@ -11,7 +11,9 @@ from typing import Any, Sequence
 from ..errors import WorkbenchError
 from . import DEFAULT_HOST, DEFAULT_PORT, require_extra
 
-__all__ = ["add_subcommands", "main"]
+__all__ = ["add_subcommands", "check_exposure", "main"]
+
+_LOOPBACK_NAMES = ("localhost", "localhost.")
 
 
 def _registry(args: argparse.Namespace):
@@ -21,13 +23,43 @@ def _registry(args: argparse.Namespace):
     return Registry(args.registry)
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve to anything
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> str | None:
+    """Refuse to serve beyond this machine without an API key; return the warning to print, if any.
+
+    Raises:
+        WorkbenchError: `host` is not a loopback address, no key is set and `insecure` is not.
+    """
+    if api_key or _is_loopback(host):
+        return None
+    if not insecure:
+        raise WorkbenchError(f"refusing to listen on {host} without an API key: anyone who can reach it could "
+                             f"predict and reload models; set WORKBENCH_API_KEY (or --api-key), or pass --insecure")
+    return (f"workbench serve: warning: listening on {host} without an API key (--insecure): anyone who can reach "
+            f"this port can call every route, /admin/reload included")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     require_extra()
+    warning = check_exposure(args.host, args.api_key, args.insecure)  # before loading anything: fail fast
     from .app import ServeSettings, create_app, run_server
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_rows=args.max_rows,
                              max_body_bytes=args.max_body_bytes, api_key=args.api_key or None,
-                             poll_seconds=args.poll_seconds, threads=args.threads)
+                             poll_seconds=args.poll_seconds, threads=args.threads,
+                             body_timeout_s=args.body_timeout_s)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     registry = None
     if not args.model.endswith(".onnx"):
         registry = _registry(args)
@@ -83,6 +115,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 3600] (--body-timeout-s or "
+                                         f"$WORKBENCH_BODY_TIMEOUT_S), got {text!r}")
+    return value
+
+
 def add_subcommands(sub: Any) -> None:
     """Add ``serve`` and ``registry list|promote|rollback`` to an argparse subparsers object.
 
@@ -97,14 +140,22 @@ def add_subcommands(sub: Any) -> None:
                    help="NAME@ALIAS (e.g. digits-mlp@champion), NAME/VERSION, or a path to an .onnx file")
     p.add_argument("--registry", metavar="URI", help=registry_help)
     p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 in a container)")
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 in a container, "
+                        f"which needs an API key or --insecure)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--max-batch", type=_positive, default=32, help="most rows per ONNX Runtime call (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
     p.add_argument("--max-rows", type=_positive, default=256, help="most examples in one request")
     p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body")
     p.add_argument("--api-key", default=os.environ.get("WORKBENCH_API_KEY"),
-                   help="require this key in the X-API-Key header (default $WORKBENCH_API_KEY; none: open)")
+                   help="require this key in the X-API-Key header (default $WORKBENCH_API_KEY; none: open, "
+                        "allowed on loopback only unless --insecure)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve beyond loopback without an API key (prints a warning); only behind something that "
+                        "authenticates")
+    p.add_argument("--body-timeout-s", type=_seconds, default=os.environ.get("WORKBENCH_BODY_TIMEOUT_S", "10"),
+                   help="longest wait for a request's headers, then its body; more is a 408 and the connection is "
+                        "closed (default $WORKBENCH_BODY_TIMEOUT_S or 10)")
     p.add_argument("--poll-seconds", type=float, default=5.0,
                    help="how often to check whether the alias moved (0: only on POST /admin/reload)")
     p.add_argument("--threads", type=_positive, default=1, help="ONNX Runtime intra-op threads")

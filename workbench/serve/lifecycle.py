@@ -1,5 +1,7 @@
 """The update loop: a challenger is compared with the champion on the same new data and promoted only if it is
-at least as accurate and within the latency budget; otherwise it is kept out.
+at least as accurate and within the latency budget; otherwise it is kept out. And the serving side of it:
+:class:`Poller`, a server's watch on the alias, which swaps when it moves and tries a version that fails to
+load once (logged once), not on every poll.
 
 Example:
     >>> challenger = reg.register_result(wb.run(recipe), name="digits-mlp")       # alias "challenger"
@@ -9,16 +11,20 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
 from ..errors import WorkbenchError
 from .registry import CHAMPION, ModelVersion, Registry
 
-__all__ = ["Decision", "decide", "evaluate_pair", "update"]
+__all__ = ["Decision", "decide", "evaluate_pair", "update", "Poller", "swap_target"]
+
+log = logging.getLogger("workbench.serve")
 
 
 @dataclass(frozen=True)
@@ -107,3 +113,74 @@ def update(registry: Registry, name: str, challenger: ModelVersion | int, X: Any
                     champion_p50_us=m["champion"]["p50_us"] if champ else None,
                     challenger_p50_us=m["challenger"]["p50_us"], latency_budget_us=float(latency_budget_us),
                     n=len(y))
+
+
+def swap_target(source: Any) -> tuple[str, str]:
+    """(version, sha256) that a model source points at now: for a registry alias, the version and the sha256
+    recorded at its registration; for a bare file, its bytes' sha256 (twice)."""
+    from .models import RegistrySource
+
+    if isinstance(source, RegistrySource):
+        v = source.registry.resolve(source.ref)
+        return str(v.version), v.sha256
+    current = source.current()
+    return current, current
+
+
+class Poller:
+    """A server's watch on its model source: reload when the alias moves, without hammering a broken version.
+
+    A version that fails to load (its file changed after registration, missing, or not runnable) is
+    tried once and logged once; it is tried again only when the registry changes (the alias moves to
+    another version). The server keeps serving its current model meanwhile. An explicit reload (``POST
+    /admin/reload``) is not affected: it always tries.
+
+    Args:
+        source: the server's :class:`~workbench.serve.models.ModelSource`.
+        reload: the server's ``reload()`` coroutine function (swaps if the source moved, raises if the load fails).
+        logger: where the one line per failure goes.
+
+    Example:
+        >>> poller = Poller(server.source, server.reload)
+        >>> while True:
+        ...     await asyncio.sleep(poll_seconds)
+        ...     await poller.step()
+    """
+
+    def __init__(self, source: Any, reload: Callable[[], Awaitable[dict[str, Any]]], *,
+                 logger: logging.Logger = log) -> None:
+        self.source, self.reload, self.log = source, reload, logger
+        self.failed: tuple[str, str] | None = None   # the (version, sha256) that failed to load
+        self.lookup_error: str | None = None          # the last failed registry lookup, logged once
+
+    async def step(self) -> dict[str, Any] | None:
+        """One poll: what ``reload()`` returned, or None when there was nothing to try or it failed."""
+        try:
+            target = await asyncio.to_thread(swap_target, self.source)
+        except Exception as exc:  # the registry is unreachable: keep serving, say so once per distinct error
+            msg = _first_line(exc)
+            if msg != self.lookup_error:
+                self.log.error("cannot look up %s (%s); still serving the current model, polling on",
+                               _describe(self.source), msg)
+            self.lookup_error = msg
+            return None
+        self.lookup_error = None
+        if target == self.failed:
+            return None  # the same broken version: tried already, logged already
+        try:
+            result = await self.reload()
+        except Exception as exc:
+            self.failed = target
+            self.log.error("version %s of %s failed to load (%s); still serving the current model, not retrying "
+                           "until the registry changes", target[0], _describe(self.source), _first_line(exc))
+            return None
+        self.failed = None
+        return result
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+
+
+def _describe(source: Any) -> str:
+    return source.describe() if hasattr(source, "describe") else repr(source)

@@ -68,7 +68,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "workbench.serve", "serve", "--model", self.model, "--host", DEFAULT_HOST,
                "--port", str(self.port), "--max-batch", str(s.max_batch), "--max-wait-ms", str(s.max_wait_ms),
                "--max-rows", str(s.max_rows), "--max-body-bytes", str(s.max_body_bytes),
-               "--poll-seconds", str(s.poll_seconds), "--threads", str(s.threads)]
+               "--poll-seconds", str(s.poll_seconds), "--threads", str(s.threads),
+               "--body-timeout-s", str(s.body_timeout_s)]
         if self.registry_uri:
             cmd += ["--registry", self.registry_uri]
         return cmd

@@ -2,9 +2,11 @@
 
 By default the registry is a SQLite file and an artifact folder under the workbench's data folder
 (``$WORKBENCH_CACHE/registry``, or ``$WORKBENCH_REGISTRY``); ``$WORKBENCH_REGISTRY_URI`` (or the
-``uri`` argument) points it at any MLflow tracking URI instead, e.g. ``http://mlflow:5000``.
-MLflow's telemetry is switched off before it is imported. Every version carries the sha256 of its
-ONNX file; :meth:`Registry.load` recomputes it and refuses a file that was changed or removed.
+``uri`` argument) points it elsewhere: a folder (``/srv/registry`` or ``file:///srv/registry``: a
+SQLite registry inside it), ``sqlite:///PATH.db``, or an MLflow tracking server such as
+``http://mlflow:5000``. MLflow's telemetry is switched off before it is imported. Every version
+carries the sha256 of its ONNX file; :meth:`Registry.load` recomputes it and refuses a file that
+was changed or removed, and promote and rollback verify it before they move the champion alias.
 
 Writes to a local SQLite registry are serialized with a file lock, so several processes
 registering at once lose nothing (SQLite alone would answer "database is locked" or hand two
@@ -27,6 +29,7 @@ import logging
 import os
 import re
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
@@ -39,14 +42,27 @@ from ..errors import WorkbenchError
 if TYPE_CHECKING:
     from ..recipe import Result
 
-__all__ = ["Registry", "ModelVersion", "default_uri", "parse_ref", "sha256_file", "CHAMPION", "CHALLENGER"]
+__all__ = ["Registry", "ModelVersion", "default_uri", "tracking_uri", "parse_ref", "sha256_file", "check_name", "CHAMPION",
+           "CHALLENGER"]
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 EXPERIMENT = "workbench"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+
+
+def check_name(name: Any) -> str:
+    """`name` if it is a valid registered-model name (1-100 letters, digits, ``_.-``), else a WorkbenchError."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise WorkbenchError(f"model names are 1-100 letters, digits, '_', '.' or '-', starting with a letter "
+                             f"or digit; got {name!r}")
+    return name
 _HISTORY_TAG = "workbench.champion_history"
+# MLflow tracking servers and databases, passed through as they are (the "+driver" part aside).
+_SERVER_SCHEMES = ("http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+_EXPECTED_URI = ("a folder path, file:///FOLDER, sqlite:///PATH.db or an MLflow tracking server "
+                 "(http://HOST:PORT, postgresql://...)")
 
 
 @contextlib.contextmanager
@@ -81,6 +97,86 @@ def default_uri() -> str:
 
     root = Path(os.environ.get("WORKBENCH_REGISTRY") or cache_dir() / "registry")
     return f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(uri: str) -> str:
+    """The MLflow tracking URI for a registry location: a folder or ``file://`` URI becomes its SQLite file.
+
+    MLflow 3 refuses its file store, so a folder means the workbench's own layout: ``mlflow.db`` and
+    ``artifacts/`` inside it. A path ending in ``.db`` (or naming an existing file) is the SQLite file itself.
+
+    Raises:
+        WorkbenchError: an empty URI or a scheme MLflow cannot use as a registry.
+
+    Example:
+        >>> tracking_uri("/srv/registry")
+        'sqlite:////srv/registry/mlflow.db'
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise WorkbenchError(f"the registry URI is empty; expected {_EXPECTED_URI}")
+    uri = uri.strip()
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme.split("+", 1)[0] in ("sqlite", *_SERVER_SCHEMES) or uri.split(":", 1)[0] in _SERVER_SCHEMES:
+        return uri
+    if scheme == "file":
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise WorkbenchError(f"the registry URI {uri!r} names another host ({parsed.netloc}); expected "
+                                 f"{_EXPECTED_URI}")
+        path = Path(urllib.parse.unquote(parsed.path))
+    elif scheme or re.match(r"^[A-Za-z][\w+.-]*:", uri) and not re.match(r"^[A-Za-z]:[\\/]", uri):
+        given = scheme or uri.split(":", 1)[0]
+        raise WorkbenchError(f"unsupported registry URI scheme {given!r} in {uri!r}; expected {_EXPECTED_URI}")
+    else:
+        path = Path(uri).expanduser()
+    path = path.resolve()
+    if path.suffix in (".db", ".sqlite") or path.is_file():
+        return f"sqlite:///{path}"
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def _create_local(db: Path) -> list[Path]:
+    """Make the folder of a local registry and its lock file; return what this call created (to undo it).
+
+    Raises:
+        WorkbenchError: the folder cannot be made or written (a file in the way, no permission, /proc ...);
+            anything made before the failure is removed again.
+    """
+    root = db.parent
+    missing = [d for d in (root, *root.parents) if not d.exists()][::-1]
+    existing = (missing[0].parent if missing else root)
+    if not existing.is_dir():
+        raise _cannot_create(db, f"{existing} is a file, not a folder")
+    if db.exists() and not db.is_file():  # MLflow would retry opening it for minutes
+        raise _cannot_create(db, "a folder is in the way of the database file", "open")
+    created: list[Path] = []
+    try:
+        for d in missing:
+            d.mkdir()
+            created.append(d)
+        lock = root / ".lock"
+        if not lock.exists():
+            lock.touch()
+            created.append(lock)
+        with open(lock, "a+"):
+            pass
+    except OSError as exc:
+        _remove(created)
+        why = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        raise _cannot_create(db, why) from None
+    return created
+
+
+def _cannot_create(db: Path, why: str, verb: str = "create") -> WorkbenchError:
+    return WorkbenchError(f"cannot {verb} the registry database at {db} ({why}); expected a folder this user can "
+                          f"write, given as a folder path, file:///FOLDER or sqlite:///FOLDER/mlflow.db")
+
+
+def _remove(paths: list[Path]) -> None:
+    """Remove files and (empty) folders this process created, newest first."""
+    for p in reversed(paths):
+        with contextlib.suppress(OSError):
+            p.rmdir() if p.is_dir() else p.unlink()
 
 
 def parse_ref(ref: str) -> tuple[str, str | int]:
@@ -148,8 +244,12 @@ class Registry:
     """The workbench's view of an MLflow tracking server / model registry.
 
     Args:
-        uri: any MLflow tracking URI; default :func:`default_uri` (or ``root``'s SQLite file).
+        uri: a folder, ``file:///FOLDER``, ``sqlite:///PATH.db`` or an MLflow tracking server URI
+            (see :func:`tracking_uri`); default :func:`default_uri` (or ``root``'s SQLite file).
         root: a folder for a local registry (``mlflow.db`` and ``artifacts/`` inside); tests use a tmp dir.
+
+    Raises:
+        WorkbenchError: an unsupported URI, or a local database that cannot be created (nothing is left behind).
     """
 
     def __init__(self, uri: str | None = None, *, root: str | os.PathLike | None = None) -> None:
@@ -157,20 +257,30 @@ class Registry:
             raise WorkbenchError("give the registry either a tracking uri or a local root folder, not both")
         if root is not None:
             uri = f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
-        self.uri = uri or default_uri()
+        self.uri = tracking_uri(uri or default_uri())
         self._local = self.uri.startswith("sqlite:///")
-        self.root = Path(self.uri[len("sqlite:///"):]).parent if self._local else None
-        if self._local:
-            self.root.mkdir(parents=True, exist_ok=True)
+        db = Path(self.uri[len("sqlite:///"):])
+        self.root = db.parent if self._local else None
+        created = _create_local(db) if self._local else []
+        db_existed = self._local and db.exists()
         quiet_mlflow()
         from mlflow import MlflowClient
 
         for name in ("mlflow", "alembic"):  # after the import: MLflow sets its own levels when imported
             logging.getLogger(name).setLevel(logging.WARNING)
 
-        with self._lock():  # the first connection creates the tables (alembic): one process at a time
-            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-            self._experiment_id = self._experiment()
+        try:
+            with self._lock():  # the first connection creates the tables (alembic): one process at a time
+                self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                self._experiment_id = self._experiment()
+        except Exception as exc:
+            if not self._local:
+                raise
+            if not db_existed:
+                created.append(db)
+            _remove(created)
+            raise _cannot_create(db, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                                 "open" if db_existed else "create") from None
 
     def __repr__(self) -> str:
         return f"Registry({self.uri!r})"
@@ -302,10 +412,23 @@ class Registry:
                                  f"verified; register it through workbench")
         actual = sha256_file(path)
         if actual != version.sha256:
-            raise WorkbenchError(f"registry entry {version.ref}: {str(path)!r} has sha256 {actual[:16]}... but "
-                                 f"{version.sha256[:16]}... was registered; the file was changed after "
-                                 f"registration, refusing to load it")
+            raise WorkbenchError(f"registry entry {version.ref}: sha256 mismatch: {str(path)!r} has sha256 "
+                                 f"{actual[:16]}... but {version.sha256[:16]}... was registered; the file was changed "
+                                 f"after registration, refusing to load it")
         return path, version
+
+    def _verify_before_moving(self, target: ModelVersion, action: str) -> None:
+        """Load-check `target` (sha256) before the champion alias moves to it; on failure say the alias stayed."""
+        try:
+            self.load(target)
+        except WorkbenchError as exc:
+            try:
+                where = f"it still points at version {self.get(target.name, CHAMPION).version}"
+            except WorkbenchError:
+                where = "no version is champion"
+            reason = str(exc).removeprefix(f"registry entry {target.ref}: ")
+            raise WorkbenchError(f"cannot {action} model {target.name!r} to version {target.version}: {reason}; "
+                                 f"the {CHAMPION} alias was NOT moved ({where})") from None
 
     # -- writing --------------------------------------------------------------------------------------
     def register(self, onnx_path: str | os.PathLike, *, name: str, recipe: Mapping[str, Any] | None = None,
@@ -329,9 +452,7 @@ class Registry:
 
         from .. import onnx as wonnx
 
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise WorkbenchError(f"model names are 1-100 letters, digits, '_', '.' or '-', starting with a letter "
-                                 f"or digit; got {name!r}")
+        check_name(name)
         if alias is not None:
             self._check_alias(alias)
         wonnx.check(onnx_path)
@@ -439,7 +560,7 @@ class Registry:
             raise WorkbenchError(f"a version is a positive whole number, got {version!r}")
         target = self.get(name, int(version))
         if verify:
-            self.load(target)
+            self._verify_before_moving(target, "promote")
         with self._lock():
             history = self.history(name)
             if not history or history[-1] != target.version:
@@ -451,7 +572,11 @@ class Registry:
         return self.get(name, target.version)
 
     def rollback(self, name: str) -> ModelVersion:
-        """Put the previous champion back (the current one leaves the history); returns the restored version."""
+        """Put the previous champion back (the current one leaves the history); returns the restored version.
+
+        The previous version's file is verified first (sha256): a server would refuse it, so the alias
+        does not move to it (WorkbenchError) and the history stays as it was.
+        """
         with self._lock():
             history = self.history(name)
             if len(history) < 2:
@@ -459,6 +584,7 @@ class Registry:
                                      f"(champion history: {history or 'empty'})")
             dropped = history.pop()
             previous = history[-1]
+            self._verify_before_moving(self.get(name, previous), "roll back")
             self.client.set_registered_model_alias(name, CHAMPION, str(previous))
             self.client.set_registered_model_tag(name, _HISTORY_TAG, json.dumps(history))
             self.client.set_model_version_tag(name, str(dropped), "rolled_back", "true")

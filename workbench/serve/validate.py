@@ -12,13 +12,27 @@ if TYPE_CHECKING:
     from .app import ServeSettings
     from .models import LoadedModel
 
-__all__ = ["BadInput", "parse_inputs"]
+__all__ = ["BadInput", "check_content_type", "parse_inputs"]
 
 
 class BadInput(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status, self.detail = status, detail
+
+
+def check_content_type(value: str | None) -> None:
+    """Raise a 415 :class:`BadInput` unless a /predict body is declared as JSON (or not declared at all).
+
+    A missing Content-Type is accepted (``curl --data-binary`` and raw sockets send none); a declared form, text or
+    XML body is refused, which also keeps a browser's no-preflight cross-site POST (text/plain, forms) out.
+    """
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise BadInput(415, f"the body is declared as {media or 'nothing'!r}; send JSON with the header "
+                            f"Content-Type: application/json")
 
 
 def _reject_constant(name: str) -> float:
@@ -31,12 +45,17 @@ def parse_inputs(body: bytes, model: "LoadedModel", settings: "ServeSettings") -
     Raises :class:`BadInput` with the status and a one-line message for every way the body can be wrong.
     """
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
+        text = body.decode("utf-8")  # JSON on the wire is UTF-8 (RFC 8259); the scan for booleans below relies on it
+        payload = json.loads(text, parse_constant=_reject_constant)
     except BadInput:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadInput(400, f"the body is not valid JSON ({str(exc).splitlines()[0][:120]}); "
                              f'send {{"inputs": [[...], ...]}}') from None
+    except RecursionError:  # ~2 KB of [[[[... exhausts the parser's stack: the client's mistake, not a 500
+        raise BadInput(400, f"the body's JSON is nested too deeply; a body here nests at most "
+                             f'{len(model.input_shape) + 1} lists: {{"inputs": [example, ...]}} with examples of '
+                             f"shape {list(model.input_shape)}") from None
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise BadInput(422, 'expected a JSON object {"inputs": [example, ...]} with one example per row')
     unknown = sorted(set(payload) - {"inputs"})
@@ -55,10 +74,20 @@ def parse_inputs(body: bytes, model: "LoadedModel", settings: "ServeSettings") -
     except ValueError:
         raise BadInput(422, "'inputs' must be a rectangular array of numbers (all examples of the same shape)") \
             from None
+    if arr.dtype == object and all(type(v) in (int, float) for v in arr.ravel()):
+        # JSON integers of any size are numbers; those past int64 make numpy fall back to Python objects.
+        try:
+            arr = arr.astype(np.float64)
+        except OverflowError:  # beyond float64, so beyond float32 too: reported as such below
+            arr = np.full(arr.shape, np.inf)
     if arr.dtype.kind not in "iuf":
         what = {"b": "true/false", "U": "strings", "O": "nulls, objects or mixed types"}.get(arr.dtype.kind,
                                                                                           str(arr.dtype))
         raise BadInput(422, f"'inputs' must hold only numbers, got {what}")
+    if "true" in text or "false" in text:
+        # numpy turns [true, 1.5] into [1.0, 1.5]. Here every leaf is a number or a boolean and no string but the
+        # key 'inputs' is left, so these bytes can only be JSON booleans among the numbers.
+        raise BadInput(422, "'inputs' must hold only numbers, got true/false among them")
     shape, flat = model.input_shape, math.prod(model.input_shape)
     if arr.shape[1:] == shape:
         pass
