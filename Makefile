@@ -4,6 +4,7 @@
 #   make lab    JupyterLab on the notebooks, widgets working
 #   make bench  measured figures -> _build/bench.json
 #   make portability  the bars over seeds 0..4 and every notebook under a second numeric configuration
+#   make browser-assets  ONNX Runtime Web (npm ci, pinned in package-lock.json) -> book/_static/browser/ort/
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
@@ -21,7 +22,16 @@ BOOK_ENV := WORKBENCH_PROGRESS=0
 PORTABLE_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 OMP_NUM_THREADS=1 \
                 WORKBENCH_CACHE=$(CURDIR)/.cache/workbench-avx2
 
-.PHONY: setup book test unit lab bench portability clean
+.PHONY: setup book test unit lab bench portability clean browser-assets
+
+# Chapter 11 runs the models in the reader's browser with ONNX Runtime Web, served from the site
+# itself (no CDN): npm installs the version pinned in package-lock.json, and its WebAssembly
+# runtime (the wasm-only ES module and the SIMD build it loads) is copied next to the page's code.
+NPM        ?= npm
+ORT_DIST   := node_modules/onnxruntime-web/dist
+ORT_STATIC := book/_static/browser/ort
+ORT_FILES  := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
+NPM_STAMP  := node_modules/.workbench-stamp
 
 setup: $(STAMP)
 
@@ -32,7 +42,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[all]"
 	@touch $(STAMP)
 
-book: $(STAMP)
+browser-assets: $(ORT_STATIC)/.stamp
+
+$(NPM_STAMP): package.json package-lock.json
+	$(if $(shell command -v $(NPM) 2>/dev/null),,$(error npm not found: chapter 11 needs it to install ONNX Runtime Web; install Debian's packages with: apt-get install nodejs npm))
+	$(NPM) ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(ORT_STATIC)/.stamp: $(NPM_STAMP)
+	@mkdir -p $(ORT_STATIC)
+	cp $(addprefix $(ORT_DIST)/,$(ORT_FILES)) $(ORT_STATIC)/
+	@touch $@
+
+book: browser-assets $(STAMP)
 	# _config.yml sets execute.raise_on_error, so a notebook that raises fails this command;
 	# -W turns Sphinx warnings (a broken reference, a missing figure) into failures too.
 	$(BOOK_ENV) $(BIN)/jupyter-book build . --all -W --keep-going
@@ -59,4 +81,4 @@ bench: $(STAMP)
 	$(BIN)/workbench bench --json _build/bench.json
 
 clean:
-	rm -rf _build .cache
+	rm -rf _build .cache book/_static/browser/models

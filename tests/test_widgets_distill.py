@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from workbench import Recipe, WorkbenchError, load, run
+from workbench import Recipe, WorkbenchError, load, plots, run
 from workbench.distill import soft_targets
 from workbench.train import predict
 from workbench.widgets import distill as widget_mod
@@ -128,3 +128,30 @@ def test_bad_arguments_are_refused(kwargs, message, cache):
 def test_displays_as_the_widget(explorer):
     bundle = explorer._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
+
+
+def test_static_twin_steps_through_every_precomputed_temperature(explorer):
+    from workbench.widgets.distill import ALPHAS
+    assert ALPHAS == tuple(round(explorer.alpha.min + i * explorer.alpha.step, 1) for i in range(len(ALPHAS)))
+    explorer.set_controls(temperature=4.0, alpha=0.9)
+    explorer.precompute(alphas=0.9)
+    fig = explorer.static_figure()
+    steps = fig.layout.sliders[0].steps
+    grid = explorer.static_grid()
+    # the four temperatures at alpha 0.9, and T = 8 at alpha 0.5 (visited above)
+    assert [(s["alpha"], s["temperature"]) for s in grid] == [(0.5, 8.0), (0.9, 1.0), (0.9, 2.0), (0.9, 4.0),
+                                                               (0.9, 8.0)]
+    assert len(steps) == 5 and steps[1].label == "1 (alpha 0.9)"
+    assert fig.layout.sliders[0].active == 3  # the widget's setting before: T = 4, alpha 0.9
+    a, b = plots.step_traces(fig, 1), plots.step_traces(fig, 4)
+    assert a[3]["x"] == [1.0] and b[3]["x"] == [8.0] and a[5]["y"] != b[5]["y"]  # current point, soft targets
+    for k, t in ((1, 1.0), (4, 8.0)):
+        res = explorer.results[STUDENT.replace(teacher=TEACHER, kd_temperature=t)]
+        title = steps[k].args[1]["title.text"]
+        assert f"T = {t:g}, alpha = 0.9" in title and f"{res.accuracy:.2%}" in title
+    for k, setting in enumerate(grid):  # one definition: the widget draws exactly the step
+        explorer.set_controls(**setting)
+        assert explorer.drawn(list(a[0])) == plots.step_traces(fig, k)
+    explorer.temperature.value = 1.0  # the slider itself
+    explorer.alpha.value = 0.9
+    assert explorer.drawn(list(a[0])) == a

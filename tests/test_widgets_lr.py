@@ -2,7 +2,7 @@
 
 import pytest
 
-from workbench import Recipe, WorkbenchError, schedules
+from workbench import Recipe, WorkbenchError, plots, schedules
 from workbench.widgets import LRExplorer
 
 FAST = dict(model="mlp", dataset="digits", epochs=3, export_onnx=False, latency_repeats=5, optimizer="sgd",
@@ -69,3 +69,32 @@ def test_precompute_and_bad_base(explorer):
         LRExplorer(Recipe(**FAST | {"epochs": 0}))
     with pytest.raises(WorkbenchError, match="needs a workbench Recipe"):
         LRExplorer({"model": "mlp"})
+
+
+def test_static_twin_steps_through_every_precomputed_schedule(tmp_path):
+    from workbench.widgets.lr import GAMMAS, LR_CHOICES, POWERS
+    ex = LRExplorer(Recipe(**FAST), cache=tmp_path)
+    assert tuple(v for _, v in ex.lr.options) == LR_CHOICES and tuple(ex.kind.options) == schedules.KINDS
+    assert (ex.gamma.min, ex.gamma.max, ex.power.min, ex.power.max) == (GAMMAS[0], GAMMAS[-1], POWERS[0], POWERS[-1])
+    results = ex.precompute(lrs=(0.01, 0.1))
+    assert len(results) == 2 * len(schedules.KINDS)
+    fig = ex.static_figure()
+    steps = fig.layout.sliders[0].steps
+    grid = ex.static_grid()
+    assert len(steps) == len(grid) == 2 * len(schedules.KINDS)  # every kind at each precomputed base LR
+    assert [s.label for s in steps[:2]] == ["constant, LR 0.01", "step, LR 0.01"]
+    cosine, step = (next(k for k, s in enumerate(grid) if (s["kind"], s["lr"]) == (kind, 0.1))
+                    for kind in ("cosine", "step"))
+    a, b = plots.step_traces(fig, cosine), plots.step_traces(fig, step)
+    assert a[0]["y"] != b[0]["y"] and a[1]["y"] != b[1]["y"]  # the schedule and its training run
+    for k, kind in ((cosine, "cosine"), (step, "step")):
+        res = ex.results[ex.recipe_for(kind, 0.1, ex.gamma.value, ex.power.value, 0)]
+        title = steps[k].args[1]["title.text"]
+        assert title.startswith(f"{kind} from LR 0.1") and f"{res.accuracy:.2%}" in title
+    assert "gamma 0.5" in steps[step].args[1]["title.text"]
+    for k, setting in enumerate(grid):  # one definition: the widget draws exactly the step
+        ex.set_controls(**setting)
+        assert ex.drawn(list(a[0])) == plots.step_traces(fig, k)
+    ex.kind.value = "cosine"  # the controls themselves
+    ex.lr.value = 0.1
+    assert ex.drawn(list(a[0])) == a

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from workbench import Recipe, run
+from workbench import Recipe, plots, run
 from workbench.widgets import PruningExplorer
 
 FAST = dict(model="mlp", dataset="digits", epochs=2, latency_repeats=5, model_options={"hidden": [32]})
@@ -139,3 +139,42 @@ def test_displays_as_the_widget(explorer):
     bundle = explorer._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
+
+
+def test_the_grid_is_what_the_controls_offer(explorer):
+    from workbench.widgets.pruning import AMOUNTS, KINDS
+    assert AMOUNTS == tuple(round(explorer.ratio.min + i * explorer.ratio.step, 2) for i in range(len(AMOUNTS)))
+    assert AMOUNTS[-1] == explorer.ratio.max and tuple(explorer.kind.options) == KINDS
+    # unstructured: 2 scopes x 3 fine-tunes x 20 ratios; structured (no scope): 3 x 20
+    assert len(explorer.grid()) == 2 * 3 * 20 + 3 * 20
+    assert len(explorer.distinct_grid()) == 9 * 19 + 1  # ratio 0 is the one dense model of every family
+
+
+def test_static_twin_steps_through_every_precomputed_point(tmp_path):
+    ex = PruningExplorer(Recipe(**FAST | {"export_onnx": False}), cache=tmp_path, max_finetune_epochs=1)
+    ex.precompute((0.0, 0.3, 0.6))
+    ex.precompute((0.5,), kind="structured")
+    before = ex.controls()
+    fig = ex.static_figure()
+    assert ex.controls() == before
+    steps = fig.layout.sliders[0].steps
+    grid = ex.static_grid()
+    # unstructured 0 / 30 / 60 % and structured 50 % (structured 0 % is the same dense point: one step)
+    assert [(s["kind"], s["ratio"]) for s in grid] == [("unstructured", 0.0), ("unstructured", 0.3),
+                                                        ("unstructured", 0.6), ("structured", 0.5)]
+    assert len(steps) == len(grid) == 4 and [s.label for s in steps] == ["0%", "30%", "60%", "50% structured"]
+    first, second = plots.step_traces(fig, 1), plots.step_traces(fig, 2)
+    assert first[2]["x"] != second[2]["x"] and first[3]["y"] != second[3]["y"]  # current point, per-layer bars
+    for k, ratio in ((1, 0.3), (2, 0.6)):
+        res = ex.results[ex._recipe_for(ratio, "unstructured", "global", 0)]
+        title = steps[k].args[1]["title.text"]
+        assert f"{ratio:.0%} pruned, unstructured global" in title and f"{res.accuracy:.2%}" in title
+    assert steps[1].args[1]["title.text"] != steps[2].args[1]["title.text"]
+    # One definition: the widget set to a grid value draws exactly that step's traces.
+    for k, setting in enumerate(grid):
+        ex.set_controls(**setting)
+        assert ex.drawn(list(plots.step_traces(fig, k)[0])) == plots.step_traces(fig, k)
+    ex.set_controls(**grid[0])
+    ex.ratio.value = 0.3  # by the slider itself, as a user would
+    assert ex.drawn(list(first[0])) == first
+    assert len(fig.data) == len(ex.drawn())

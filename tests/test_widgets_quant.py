@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from workbench import Recipe, quant, run
+from workbench import Recipe, plots, quant, run
 from workbench.widgets.quant import QuantizationExplorer
 
 FAST = Recipe(model="mlp", dataset="digits", epochs=3, latency_repeats=5, model_options={"hidden": [32]},
@@ -197,3 +197,34 @@ def test_refuses_a_non_recipe():
 def test_displays_as_the_widget(explorer):
     bundle = explorer._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
+
+
+def test_static_twin_steps_through_every_precomputed_point(explorer):
+    from workbench.widgets.quant import BITS
+    assert BITS == tuple(range(explorer.bits.min, explorer.bits.max + 1))
+    explorer.set_controls(bits=8, symmetric=True, granularity="per-channel", act_bits=0, qat=0)
+    explorer.precompute(bits=(2, 4, 8), granularity=["per-tensor", "per-channel"])
+    fig = explorer.static_figure()
+    steps = fig.layout.sliders[0].steps
+    grid = explorer.static_grid()
+    # Every point computed so far: the 2/4/8-bit per-tensor and per-channel ones and what the
+    # tests above visited (per-group, asymmetric, 1-bit asymmetric, 8-bit activations, QAT).
+    assert len(steps) == len(grid) == len({tuple(explorer.needs(s)) for s in grid})
+    expected = {r for r in explorer.results if r.weight_bits}
+    assert {explorer.needs(s)[0] for s in grid} == expected
+    labels = [s.label for s in steps]
+    k2, k8 = labels.index("2 bits per-tensor"), labels.index("8 bits per-channel")
+    a, b = plots.step_traces(fig, k2), plots.step_traces(fig, k8)
+    assert a[2]["x"] != b[2]["x"] and len(a[5]["x"]) == 4 and len(b[5]["x"]) == 256  # current point, levels
+    for k, bits, gran in ((k2, 2, "per-tensor"), (k8, 8, "per-channel")):
+        res = explorer.results[FAST.replace(weight_bits=bits, quant_granularity=gran)]
+        title = steps[k].args[1]["title.text"]
+        assert f"{bits}-bit symmetric {gran} weights" in title and f"{res.accuracy:.2%}" in title
+    # One definition: the widget set to a grid value draws exactly that step's traces.
+    for k in (k2, k8):
+        explorer.set_controls(**grid[k])
+        assert explorer.drawn(list(a[0])) == plots.step_traces(fig, k)
+    explorer.set_controls(bits=4)
+    explorer.bits.value = 2  # the slider itself
+    explorer.granularity.value = "per-tensor"
+    assert explorer.drawn(list(a[0])) == a

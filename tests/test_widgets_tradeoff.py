@@ -2,7 +2,7 @@
 
 import pytest
 
-from workbench import Recipe, WorkbenchError, run
+from workbench import Recipe, WorkbenchError, plots, run
 from workbench.widgets import TradeoffExplorer
 from workbench.widgets.tradeoff import pareto, recipe_for, static_figure
 
@@ -51,8 +51,25 @@ def test_precompute_and_static_figure(explorer):
     assert explorer.update() is explorer.results[explorer.recipe()]
     assert run(explorer.recipe(), cache=explorer.cache).cached  # the grid is in the on-disk cache
     fig = static_figure(explorer)
-    assert len(fig.layout.sliders[0].steps) == 2 and len(fig.data) == 3 + 2
-    assert fig.layout.sliders[0].steps[1].args[0]["visible"] == [True, True, True, False, True]
+    steps = fig.layout.sliders[0].steps
+    grid = explorer.static_grid()
+    # 0 and 50 % x fp32 and int8, and 50 % int4 (computed by the test above): every computed grid point
+    assert len(steps) == len(grid) == 5 and [s.label for s in steps] == ["0% fp32", "0% int8",
+                                                                         "50% fp32", "50% int8", "50% int4"]
+    assert len(fig.data) == 6  # accuracy vs latency and vs size, three traces each
+    a, b = plots.step_traces(fig, 0), plots.step_traces(fig, 3)
+    assert a[2]["x"] != b[2]["x"] and a[5]["y"] != b[5]["y"]  # the current point moves
+    for k, (amount, bits) in ((0, (0.0, 32)), (3, (0.5, 8))):
+        res = explorer.results[recipe_for(Recipe(**FAST), amount, bits, finetune_epochs=1)]
+        title = steps[k].args[1]["title.text"]
+        assert f"{amount:.0%} pruned" in title and f"{res.accuracy:.2%}" in title
+    assert "text" not in fig.data[0].mode  # no text labels on the scatter: they overlapped; hover shows them
+    for k, setting in enumerate(grid):  # one definition: the widget draws exactly the step
+        explorer.set_controls(**setting)
+        assert explorer.drawn(list(a[0])) == plots.step_traces(fig, k)
+    explorer.bits.value = 32  # the controls themselves
+    explorer.ratio.value = 0.0
+    assert explorer.drawn(list(a[0])) == a
 
 
 def test_distilled_student_joins_the_grid(tmp_path):
@@ -65,6 +82,7 @@ def test_distilled_student_joins_the_grid(tmp_path):
     assert ex.results[r].teacher_accuracy == ex.results[Recipe(**FAST)].accuracy  # taught by the base model
     ex.bits.value = 8
     assert ex.results[ex.recipe()].steps["ort_quant"].mode == "dynamic"  # auto: no convolutions
+    assert ex.size_plot.data[0].marker.symbol == ("circle", "diamond", "diamond")  # the student's points
     kinds = {(p["student"], p["bits"]) for p in ex.points()}
     assert kinds == {(False, 32), (True, 32), (True, 8)}
     assert "distilled mlp, 0% pruned, int8" in ex.info.value

@@ -11,7 +11,8 @@ import os
 from .recipe import Recipe, Result, run
 
 __all__ = ["BASELINES", "MARGIN_SEEDS", "PRUNE_UNSTRUCTURED", "PRUNE_STRUCTURED", "QUANT_BASE", "QUANT_RUNS",
-           "DEEP_COMPRESSION", "KD_TEACHER", "KD_STUDENT", "KD_SEEDS", "DEPLOY_MODELS", "distillation_runs"]
+           "DEEP_COMPRESSION", "KD_TEACHER", "KD_STUDENT", "KD_SEEDS", "DEPLOY_MODELS", "BROWSER_VARIANTS",
+           "distillation_runs"]
 
 # The five baselines of chapter 2 (name -> recipe). The notebook trains exactly these, so the
 # book, the bench and the cache agree. Settings were chosen by validation accuracy (mean over
@@ -89,4 +90,21 @@ def distillation_runs(seed: int, *, cache: str | os.PathLike | None = None,
 DEPLOY_MODELS: dict[str, Recipe] = {
     "mlp": Recipe(model="mlp", dataset="digits28", epochs=10, model_options={"hidden": [1024, 1024]}),
     "cnn": Recipe(model="cnn", dataset="digits28", epochs=10),  # the same recipe as PRUNE_STRUCTURED
+}
+
+
+# Chapter 11: the CNN of chapter 4 on the 8x8 digits, four ways, each run in the reader's browser with
+# ONNX Runtime Web. fp32 is the baseline itself; int8 is ONNX Runtime's static QDQ (the mode for
+# convolutions, chapter 8); pruned removes 85% of the weights (global magnitude, gradual, one epoch of
+# fine-tuning per round); Deep Compression then shares the survivors' values (k-means, 5-bit indices
+# for Linear layers as chapter 6; 6-bit for Conv2d, not the paper's 8: the first convolution keeps
+# fewer than 256 weights, one per cluster) and fine-tunes the centroids. Its ONNX file is
+# still dense float32: the compact form is the Huffman-coded one (Result.size_encoded_bytes).
+_BROWSER_BASE = BASELINES["cnn_digits"]
+_BROWSER_PRUNED = _BROWSER_BASE.replace(prune_amount=0.85, prune_schedule="gradual", prune_steps=4, finetune_epochs=1)
+BROWSER_VARIANTS: dict[str, Recipe] = {
+    "fp32": _BROWSER_BASE,
+    "int8": _BROWSER_BASE.replace(ort_quant="static"),
+    "pruned": _BROWSER_PRUNED,
+    "deep_compression": _BROWSER_PRUNED.replace(share_bits=5, share_bits_conv=6, share_epochs=3),
 }

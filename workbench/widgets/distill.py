@@ -18,13 +18,17 @@ from ..errors import WorkbenchError
 from ..recipe import Recipe, Result, run, sweep
 from ..train import predict
 from ._render import render
+from ._static import StaticTwin, product
 
-__all__ = ["DistillationExplorer"]
+__all__ = ["DistillationExplorer", "TEMPERATURES", "ALPHAS"]
 
+# The grid the controls offer (and the static twin steps through): the temperature slider's
+# default stops and every alpha of its slider.
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 20.0)
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-class DistillationExplorer:
+class DistillationExplorer(StaticTwin):
     """ipywidgets explorer over knowledge-distillation recipes (chapter 5).
 
     Every control change builds the distilled student's :class:`Recipe` (`student` with `teacher`,
@@ -61,7 +65,12 @@ class DistillationExplorer:
         ...                           Recipe(model="cnn", epochs=30))
         >>> ex.precompute()  # every temperature at the current alpha, so the slider answers at once
         >>> ex  # in a notebook: the widget
+        >>> plots.show(ex.static_figure())  # the precomputed points behind a slider, for the site
     """
+
+    CONTROLS = ("temperature", "alpha")
+    PANELS = (("curve", "soft"),)
+    PREFIX = "T = "
 
     def __init__(self, student: Recipe, teacher: Recipe, *, cache: str | os.PathLike | None = None,
                  temperatures: Iterable[float] = TEMPERATURES, example: int | None = None) -> None:
@@ -99,12 +108,14 @@ class DistillationExplorer:
         self._classes = list(ds.classes)
         self._label = int(ds.y_test[example])
 
+        self.headline = ""
         start = min(temps, key=lambda t: abs(t - student.kd_temperature))
         self.temperature = ipywidgets.SelectionSlider(
             options=[(f"{t:g}", t) for t in temps], value=start, continuous_update=False,
             description="temperature T", style={"description_width": "initial"})
         self.alpha = ipywidgets.FloatSlider(
-            value=round(student.kd_alpha, 1), min=0.0, max=1.0, step=0.1, continuous_update=False,
+            value=min(ALPHAS, key=lambda a: abs(a - student.kd_alpha)), min=ALPHAS[0], max=ALPHAS[-1],
+            step=round(ALPHAS[1] - ALPHAS[0], 4), continuous_update=False,
             description="alpha (soft weight)", readout_format=".1f", style={"description_width": "initial"})
         self.info = ipywidgets.HTML()
 
@@ -169,6 +180,21 @@ class DistillationExplorer:
         """
         return self._recipe_for(self.temperature.value, self.alpha.value)
 
+    # -- the grid, for the static twin (see StaticTwin) -----------------------------------------
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every setting the controls offer: alphas x temperatures (temperature varying fastest)."""
+        return product(alpha=ALPHAS, temperature=self._temps)
+
+    def needs(self, setting: Any) -> list[Recipe]:
+        return [self._recipe_for(setting["temperature"], setting["alpha"])]
+
+    def label(self, setting: Any) -> str:
+        return f"{setting['temperature']:g}" + (f" (alpha {setting['alpha']:g})" if len(self._alphas()) > 1 else "")
+
+    def _alphas(self) -> set[float]:
+        return {r.kd_alpha for r in self.results if r.teacher is not None}
+
     def _run(self, recipe: Recipe) -> Result:
         result = run(recipe, cache=self.cache, progress=False)
         self.results[recipe] = result
@@ -185,24 +211,29 @@ class DistillationExplorer:
             >>> res = ex.update(); res.cached
             True
         """
+        if self._hold:  # set_controls is setting several controls: it calls update once at the end
+            return None
         t0 = time.perf_counter()
         self._draw_soft()  # needs only the teacher's logits: drawn even if the run fails
         try:
             result = self._run(self.recipe())
         except WorkbenchError as exc:
             self.info.value = f'<p style="color:#c62828"><b>Cannot run this setting:</b> {html.escape(str(exc))}</p>'
+            self.headline = f"cannot run this setting: {exc}"
             self._draw_curve(None)
             self._render()
             self.last_seconds = time.perf_counter() - t0
             return None
         self._draw_curve(result)
         self.info.value = self._info_html(result)
+        self.headline = self._headline(result)
         self._render()
         self.last_seconds = time.perf_counter() - t0
         return result
 
     def _render(self) -> None:
-        render(self._outputs, self)
+        if not self._quiet:
+            render(self._outputs, self)
 
     def precompute(self, temperatures: Iterable[float] | None = None,
                    alphas: float | Iterable[float] | None = None) -> list[Result]:
@@ -252,6 +283,12 @@ class DistillationExplorer:
             self.soft.data[1].name = f"T = {t:g}"
             self.soft.layout.title.text = (f"Teacher's soft targets, test image #{self.example} "
                                            f"(entropy {bits:.2f} bits at T = {t:g})")
+
+    def _headline(self, result: Result) -> str:
+        r = result.recipe
+        return (f"T = {r.kd_temperature:g}, alpha = {r.kd_alpha:g}: distilled student {result.accuracy:.2%} "
+                f"(alone {self.alone.accuracy:.2%}, teacher {self.teacher_result.accuracy:.2%}, "
+                f"gain {(result.accuracy - self.alone.accuracy) * 100:+.2f} pp)")
 
     def _info_html(self, result: Result) -> str:
         teacher, alone = self.teacher_result, self.alone

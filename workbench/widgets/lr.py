@@ -15,13 +15,18 @@ from ..data import load
 from ..errors import WorkbenchError
 from ..recipe import Recipe, Result, run, sweep
 from ._render import render
+from ._static import StaticTwin, product
 
-__all__ = ["LRExplorer", "LR_CHOICES"]
+__all__ = ["LRExplorer", "LR_CHOICES", "GAMMAS", "POWERS"]
 
-LR_CHOICES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+# The grid the controls offer (and the static twin steps through), besides schedules.KINDS and
+# 0..3 warmup epochs.
+LR_CHOICES = (1e-3, 3e-3, 1e-2, 3e-2, 5e-2, 1e-1)
+GAMMAS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # LR factor per drop ("step") or per epoch
+POWERS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)  # polynomial exponents
 
 
-class LRExplorer:
+class LRExplorer(StaticTwin):
     """ipywidgets explorer over LR schedules: each setting is a Recipe trained once and cached.
 
     The LR curve is drawn from :mod:`workbench.schedules` step by step; the loss and accuracy
@@ -39,7 +44,12 @@ class LRExplorer:
 
     Example:
         >>> ex = LRExplorer(Recipe(model="cnn", epochs=8, optimizer="sgd", lr=0.1)); ex
+        >>> ex.precompute(); plots.show(ex.static_figure())  # the precomputed points behind a slider
     """
+
+    CONTROLS = ("kind", "lr", "gamma", "power", "warmup")
+    PANELS = (("lr_curve", "curves"),)
+    PREFIX = ""
 
     def __init__(self, base: Recipe, *, cache: str | os.PathLike | None = None) -> None:
         if not isinstance(base, Recipe):
@@ -52,13 +62,16 @@ class LRExplorer:
         self.last_seconds = 0.0
         ds = load(base.dataset, seed=base.seed)
         self.steps_per_epoch = schedules.steps_per_epoch(len(ds.X_train), base.batch_size)
+        self.headline = ""
         lr0 = min(LR_CHOICES, key=lambda v: abs(v - base.lr))
         self.kind = ipywidgets.Dropdown(options=schedules.KINDS, value="cosine", description="schedule")
         self.lr = ipywidgets.SelectionSlider(options=[(f"{v:g}", v) for v in LR_CHOICES], value=lr0,
                                              description="base LR", continuous_update=False)
-        self.gamma = ipywidgets.FloatSlider(value=0.5, min=0.1, max=0.9, step=0.1, description="gamma",
+        self.gamma = ipywidgets.FloatSlider(value=0.5, min=GAMMAS[0], max=GAMMAS[-1],
+                                            step=round(GAMMAS[1] - GAMMAS[0], 4), description="gamma",
                                             continuous_update=False)
-        self.power = ipywidgets.FloatSlider(value=1.0, min=0.5, max=3.0, step=0.5, description="power",
+        self.power = ipywidgets.FloatSlider(value=1.0, min=POWERS[0], max=POWERS[-1],
+                                            step=round(POWERS[1] - POWERS[0], 4), description="power",
                                             continuous_update=False)
         self.warmup = ipywidgets.IntSlider(value=0, min=0, max=max(0, min(3, base.epochs - 1)),
                                            description="warmup epochs", continuous_update=False,
@@ -103,6 +116,21 @@ class LRExplorer:
             opts["power"] = round(power, 4)
         return self.base.replace(lr=lr, lr_schedule=kind, lr_schedule_options=opts)
 
+    # -- the grid, for the static twin (see StaticTwin) -----------------------------------------
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every setting the controls offer: base LRs x kinds x warmup x power x gamma (gamma varying fastest)."""
+        return product(lr=LR_CHOICES, kind=schedules.KINDS, warmup=range(self.warmup.max + 1), power=POWERS,
+                       gamma=GAMMAS)
+
+    def needs(self, setting: Any) -> list[Recipe]:
+        # gamma and power only matter to the kinds that use them: other kinds dedupe to one point.
+        return [self.recipe_for(setting["kind"], setting["lr"], setting["gamma"], setting["power"],
+                                setting["warmup"]), self.base.replace(lr=setting["lr"])]
+
+    def label(self, setting: Any) -> str:
+        return f"{setting['kind']}, LR {setting['lr']:g}"
+
     def recipe(self) -> Recipe:
         """The Recipe for the current control values."""
         return self.recipe_for(self.kind.value, self.lr.value, self.gamma.value, self.power.value, self.warmup.value)
@@ -114,6 +142,8 @@ class LRExplorer:
 
     def update(self, change: Any = None) -> Result | None:
         """Train (or fetch) the current schedule and its constant-LR twin; redraw."""
+        if self._hold:  # set_controls is setting several controls: it calls update once at the end
+            return None
         t0 = time.perf_counter()
         self.gamma.disabled = self.kind.value not in ("step", "exponential")
         self.power.disabled = self.kind.value != "polynomial"
@@ -123,6 +153,7 @@ class LRExplorer:
             flat = self._run(self.base.replace(lr=self.lr.value))
         except WorkbenchError as exc:
             self.info.value = f'<p style="color:#c62828"><b>Cannot run this setting:</b> {html.escape(str(exc))}</p>'
+            self.headline = f"cannot run this setting: {exc}"
             self.last_seconds = time.perf_counter() - t0
             return None
         sched = recipe.lr_schedule_for(self.steps_per_epoch) or schedules.Schedule(
@@ -140,9 +171,21 @@ class LRExplorer:
                            f"<b>{result.accuracy:.2%}</b> (constant LR {flat.accuracy:.2%}); final train loss "
                            f"{result.history['train_loss'][-1]:.4f} (constant {flat.history['train_loss'][-1]:.4f})"
                            + (" &middot; from the cache" if result.cached else ""))
-        render(self._outputs, self)
+        self.headline = (f"{self.kind.value} from LR {self.lr.value:g}{self._options_text(recipe)}: test accuracy "
+                         f"{result.accuracy:.2%} (constant LR {flat.accuracy:.2%}), final train loss "
+                         f"{result.history['train_loss'][-1]:.4f} (constant {flat.history['train_loss'][-1]:.4f})")
+        if not self._quiet:
+            render(self._outputs, self)
         self.last_seconds = time.perf_counter() - t0
         return result
+
+    def _options_text(self, recipe: Recipe) -> str:
+        kind, opts = recipe.lr_schedule, dict(recipe.lr_schedule_options)
+        parts = [f"gamma {self.gamma.value:g}" + (" per epoch" if kind == "exponential" else "")] \
+            if kind in ("step", "exponential") else []
+        parts += [f"power {opts['power']:g}"] if kind == "polynomial" else []
+        parts += [f"{opts['warmup_epochs']} warmup epoch(s)"] if opts.get("warmup_epochs") else []
+        return f" ({', '.join(parts)})" if parts else ""
 
     def precompute(self, kinds: Iterable[str] = schedules.KINDS, lrs: Iterable[float] | None = None) -> list[Result]:
         """Train every schedule kind (at the current gamma/power/warmup) for each base LR, through the cache."""

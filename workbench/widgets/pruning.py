@@ -15,13 +15,16 @@ import torch
 
 from .. import prune
 from ..errors import WorkbenchError
-from ..recipe import Recipe, Result, run, sweep
+from ..recipe import PRUNE_KINDS, Recipe, Result, run, sweep
 from ._render import render
+from ._static import StaticTwin, product
 
-__all__ = ["PruningExplorer"]
+__all__ = ["PruningExplorer", "AMOUNTS", "KINDS", "SCOPES"]
 
-_KINDS = ("unstructured", "structured")
-_SCOPES = ("global", "layer")
+# The grid the controls offer (and the static twin steps through): every ratio of the slider.
+AMOUNTS = tuple(round(0.05 * i, 2) for i in range(20))  # 0.00, 0.05, ..., 0.95
+KINDS = PRUNE_KINDS
+SCOPES = ("global", "layer")  # the recipe's third scope, "sensitivity", needs a scan: not offered here
 _HIST_BINS = 80
 
 
@@ -33,7 +36,7 @@ def _kb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 1024:,.1f} KB"
 
 
-class PruningExplorer:
+class PruningExplorer(StaticTwin):
     """ipywidgets explorer over pruning recipes (chapter 3).
 
     Every control change builds a :class:`Recipe` from `base` and the control values, runs it
@@ -60,7 +63,12 @@ class PruningExplorer:
         >>> ex = PruningExplorer(Recipe(model="mlp", epochs=30), cache="~/.cache/workbench")
         >>> ex.precompute()  # fill the cache so the slider answers at once
         >>> ex  # in a notebook: the widget
+        >>> plots.show(ex.static_figure())  # the precomputed points behind a slider, for the site
     """
+
+    CONTROLS = ("ratio", "kind", "scope", "finetune")
+    PANELS = (("curve", "layers"), ("weights",))
+    PREFIX = "pruned: "
 
     def __init__(self, base: Recipe, *, cache: str | os.PathLike | None = None,
                  max_finetune_epochs: int = 5) -> None:
@@ -75,12 +83,15 @@ class PruningExplorer:
         self.last_seconds = 0.0
         self._dense_weights: dict[str, dict[str, int]] = {}
 
+        self.max_finetune_epochs = max_finetune_epochs
+        self.headline = ""
         self.ratio = ipywidgets.FloatSlider(
-            value=min(round(base.prune_amount / 0.05) * 0.05, 0.95), min=0.0, max=0.95, step=0.05,
-            continuous_update=False, description="prune", readout_format=".2f")
-        self.kind = ipywidgets.ToggleButtons(options=_KINDS, value=base.prune_kind, description="kind")
+            value=min(AMOUNTS, key=lambda a: abs(a - base.prune_amount)), min=AMOUNTS[0], max=AMOUNTS[-1],
+            step=round(AMOUNTS[1] - AMOUNTS[0], 4), continuous_update=False, description="prune",
+            readout_format=".2f")
+        self.kind = ipywidgets.ToggleButtons(options=KINDS, value=base.prune_kind, description="kind")
         self.scope = ipywidgets.ToggleButtons(
-            options=_SCOPES, value=base.prune_scope, description="scope", disabled=base.prune_kind == "structured",
+            options=SCOPES, value=base.prune_scope, description="scope", disabled=base.prune_kind == "structured",
             tooltips=["one threshold for all layers", "the same fraction of each layer"])
         self.finetune = ipywidgets.IntSlider(
             value=min(base.finetune_epochs, max_finetune_epochs), min=0, max=max_finetune_epochs,
@@ -124,8 +135,7 @@ class PruningExplorer:
             ipywidgets.HBox([self._outputs["curve"], self._outputs["layers"]]),
             self._outputs["weights"],
         ])
-        self.kind.observe(self._on_kind, names="value")
-        for control in (self.ratio, self.scope, self.finetune):
+        for control in (self.ratio, self.kind, self.scope, self.finetune):
             control.observe(self.update, names="value")
         self.update()
 
@@ -164,9 +174,24 @@ class PruningExplorer:
         dense = self.base.dense()
         return self.results[dense] if dense in self.results else self._run(dense)
 
-    def _on_kind(self, change: Any = None) -> None:
-        self.scope.disabled = self.kind.value == "structured"
-        self.update()
+    # -- the grid, for the static twin (see StaticTwin) -----------------------------------------
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every setting the controls offer: ratios x kinds x scopes (unstructured only) x fine-tune epochs."""
+        finetunes = range(self.max_finetune_epochs + 1)
+        dense_scope = self.base.dense().prune_scope
+        return (product(kind=["unstructured"], scope=SCOPES, finetune=finetunes, ratio=AMOUNTS)
+                + product(kind=["structured"], scope=[dense_scope], finetune=finetunes, ratio=AMOUNTS))
+
+    def needs(self, setting: Any) -> list[Recipe]:
+        return [self._recipe_for(setting["ratio"], setting["kind"], setting["scope"], setting["finetune"]),
+                self.base.dense()]
+
+    def label(self, setting: Any) -> str:
+        kind, scope, finetune = setting["kind"], setting["scope"], setting["finetune"]
+        return " ".join([f"{setting['ratio']:.0%}"] + (["structured"] if kind == "structured" else
+                                                       [scope] if scope != SCOPES[0] else [])
+                        + ([f"ft {finetune}"] if finetune else []))
 
     def update(self, change: Any = None) -> Result | None:
         """Run the current recipe (through the cache) and redraw everything.
@@ -180,12 +205,16 @@ class PruningExplorer:
             >>> res = ex.update(); res.cached
             True
         """
+        if self._hold:  # set_controls is setting several controls: it calls update once at the end
+            return None
         t0 = time.perf_counter()
+        self.scope.disabled = self.kind.value == "structured"
         try:
             result = self._run(self.recipe())
             dense = self._dense()
         except WorkbenchError as exc:
             self.info.value = f'<p style="color:#c62828"><b>Cannot run this setting:</b> {html.escape(str(exc))}</p>'
+            self.headline = f"cannot run this setting: {exc}"
             if self.base.dense() in self.results:
                 self._draw_curve(None, self.results[self.base.dense()])
                 self._render()
@@ -196,12 +225,14 @@ class PruningExplorer:
         self._draw_layers(result, dense, model)
         self._draw_weights(model)
         self.info.value = self._info_html(result, dense)
+        self.headline = self._headline(result, dense)
         self._render()
         self.last_seconds = time.perf_counter() - t0
         return result
 
     def _render(self) -> None:
-        render(self._outputs, self)
+        if not self._quiet:
+            render(self._outputs, self)
 
     def precompute(self, amounts: Iterable[float] = (0.0, 0.5, 0.8, 0.9, 0.95), **settings: Any) -> list[Result]:
         """Fill the cache with a :func:`workbench.recipe.sweep` so the sliders answer at once.
@@ -285,6 +316,15 @@ class PruningExplorer:
             self.weights.data[0].width = float(edges[1] - edges[0]) if nonzero.size else None
             self.weights.layout.title.text = (f"{nonzero.size:,} non-zero weights "
                                               f"({w.size - nonzero.size:,} exact zeros not drawn)")
+
+    def _headline(self, result: Result, dense: Result) -> str:
+        r = result.recipe
+        left = f"{result.nonzero_params:,} of {dense.params:,} parameters non-zero"
+        if not r.prune_amount:
+            return f"dense model (nothing pruned): test accuracy {result.accuracy:.2%}, {left}"
+        what = (f"{r.prune_amount:.0%} pruned, {r.prune_kind}" + (f" {r.prune_scope}" if r.prune_kind == "unstructured"
+                                                                  else "") + f", fine-tune {r.finetune_epochs}")
+        return f"{what}: test accuracy {result.accuracy:.2%} (dense {dense.accuracy:.2%}), {left}"
 
     def _info_html(self, result: Result, dense: Result) -> str:
         drop = (dense.accuracy - result.accuracy) * 100

@@ -19,9 +19,13 @@ from .. import quant
 from ..errors import WorkbenchError
 from ..recipe import Recipe, Result, run, sweep
 from ._render import render
+from ._static import StaticTwin, product
 
-__all__ = ["QuantizationExplorer"]
+__all__ = ["QuantizationExplorer", "BITS"]
 
+# The grid the controls offer (and the static twin steps through), besides quant.GRANULARITIES,
+# quant.CALIBRATIONS, symmetric/asymmetric, int8/float activations and 0..max_qat_epochs of QAT.
+BITS = tuple(range(1, 9))  # weight bits; 1-bit symmetric is impossible (no level but 0 and -1)
 _FLOAT = 0  # act_bits value meaning "activations stay float"
 _HIST_BINS = 80
 _SETTINGS = ("symmetric", "granularity", "calibration", "act_bits", "qat")
@@ -80,7 +84,7 @@ def _weight_grid(layer: quant.FakeQuantLayer) -> _Grid:
     return _Grid(values=values.numpy(), levels=levels, lo=float(levels[0]), hi=float(levels[-1]), label=label)
 
 
-class QuantizationExplorer:
+class QuantizationExplorer(StaticTwin):
     """ipywidgets explorer over quantization recipes (chapter 4).
 
     Every control change builds a :class:`Recipe` from `base` and the control values, runs it
@@ -110,7 +114,12 @@ class QuantizationExplorer:
         >>> ex = QuantizationExplorer(Recipe(model="cnn", epochs=30, weight_bits=4, act_bits=8))
         >>> ex.precompute(bits=(2, 3, 4, 8))  # fill the cache so the slider answers at once
         >>> ex  # in a notebook: the widget
+        >>> plots.show(ex.static_figure())  # the precomputed points behind a slider, for the site
     """
+
+    CONTROLS = ("bits", "symmetric", "granularity", "calibration", "act_bits", "qat")
+    PANELS = (("curve", "layers"), ("weights",))
+    PREFIX = "weights: "
 
     def __init__(self, base: Recipe, *, cache: str | os.PathLike | None = None, max_qat_epochs: int = 3) -> None:
         if not isinstance(base, Recipe):
@@ -126,7 +135,10 @@ class QuantizationExplorer:
         self._default_calibration = self._fp32_recipe.calibration
         self._fp32_bytes: dict[str, int] = {}
 
-        self.bits = ipywidgets.IntSlider(value=base.weight_bits if 1 <= base.weight_bits <= 8 else 8, min=1, max=8,
+        self.max_qat_epochs = max_qat_epochs
+        self.headline = ""
+        self.bits = ipywidgets.IntSlider(value=base.weight_bits if base.weight_bits in BITS else BITS[-1],
+                                         min=BITS[0], max=BITS[-1],
                                          continuous_update=False, description="weight bits",
                                          style={"description_width": "initial"})
         self.symmetric = ipywidgets.ToggleButtons(
@@ -185,8 +197,7 @@ class QuantizationExplorer:
             ipywidgets.HBox([self._outputs["curve"], self._outputs["layers"]]),
             self._outputs["weights"],
         ])
-        self.act_bits.observe(self._on_act_bits, names="value")
-        for control in (self.bits, self.symmetric, self.granularity, self.calibration, self.qat):
+        for control in (self.bits, self.symmetric, self.granularity, self.act_bits, self.calibration, self.qat):
             control.observe(self.update, names="value")
         self.update()
 
@@ -223,9 +234,20 @@ class QuantizationExplorer:
         r = self._fp32_recipe
         return self.results[r] if r in self.results else self._run(r)
 
-    def _on_act_bits(self, change: Any = None) -> None:
-        self.calibration.disabled = self.act_bits.value == _FLOAT
-        self.update()
+    # -- the grid, for the static twin (see StaticTwin) -----------------------------------------
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every setting the controls offer (weight bits varying fastest, then granularity)."""
+        return product(symmetric=[v for _, v in self.symmetric.options], act_bits=[v for _, v in self.act_bits.options],
+                       calibration=quant.CALIBRATIONS, qat=range(self.max_qat_epochs + 1),
+                       granularity=quant.GRANULARITIES, bits=BITS)
+
+    def needs(self, setting: Any) -> list[Recipe]:
+        return [self._recipe_for(setting["bits"], setting["symmetric"], setting["granularity"],
+                                 setting["calibration"], setting["act_bits"], setting["qat"]), self._fp32_recipe]
+
+    def label(self, setting: Any) -> str:
+        return f"{setting['bits']} bits {setting['granularity']}"
 
     def update(self, change: Any = None) -> Result | None:
         """Run the current recipe (through the cache) and redraw everything.
@@ -239,12 +261,16 @@ class QuantizationExplorer:
             >>> res = ex.update(); res.cached
             True
         """
+        if self._hold:  # set_controls is setting several controls: it calls update once at the end
+            return None
         t0 = time.perf_counter()
+        self.calibration.disabled = self.act_bits.value == _FLOAT
         try:
             result = self._run(self.recipe())
             fp32 = self._fp32()
         except WorkbenchError as exc:
             self.info.value = f'<p style="color:#c62828"><b>Cannot run this setting:</b> {html.escape(str(exc))}</p>'
+            self.headline = f"cannot run this setting: {exc}"
             if self._fp32_recipe in self.results:
                 self._draw_curve(None, self.results[self._fp32_recipe])
                 self._render()
@@ -255,12 +281,14 @@ class QuantizationExplorer:
         self._draw_layers(result)
         self._draw_weights(model)
         self.info.value = self._info_html(result, fp32)
+        self.headline = self._headline(result, fp32)
         self._render()
         self.last_seconds = time.perf_counter() - t0
         return result
 
     def _render(self) -> None:
-        render(self._outputs, self)
+        if not self._quiet:
+            render(self._outputs, self)
 
     def precompute(self, bits: Iterable[int] = (2, 4, 8), **settings: Any) -> list[Result]:
         """Fill the cache with a :func:`workbench.recipe.sweep` so the controls answer at once.
@@ -352,10 +380,18 @@ class QuantizationExplorer:
         qat = f"QAT {r.qat_epochs} epoch{'s' if r.qat_epochs > 1 else ''}" if r.qat_epochs else "PTQ"
         return f"{weights} weights, {acts}, {qat}"
 
-    def _info_html(self, result: Result, fp32: Result) -> str:
+    def _fp32_packed(self, fp32: Result) -> int:
         if fp32.key not in self._fp32_bytes:  # same accounting as packed_bytes: raw tensors, no file overhead
             self._fp32_bytes[fp32.key] = quant.packed_bytes(fp32.load_model())
-        fp32_bytes = self._fp32_bytes[fp32.key]
+        return self._fp32_bytes[fp32.key]
+
+    def _headline(self, result: Result, fp32: Result) -> str:
+        packed = result.size_quantized_bytes
+        return (f"{self._describe(result.recipe)}:<br>test accuracy {result.accuracy:.2%} (fp32 {fp32.accuracy:.2%}), "
+                f"packed {_kb(packed)} ({self._fp32_packed(fp32) / packed:.2f}x smaller than fp32)")
+
+    def _info_html(self, result: Result, fp32: Result) -> str:
+        fp32_bytes = self._fp32_packed(fp32)
         drop = (fp32.accuracy - result.accuracy) * 100
         finite = [v for v in result.layer_sqnr.values() if math.isfinite(v)]
         sqnr = f"{sum(finite) / len(finite):.1f} dB over {len(finite)} layers" if finite else "n/a"

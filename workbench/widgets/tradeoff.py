@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 from ..errors import WorkbenchError
 from ..recipe import Recipe, Result, run, sweep
 from ._render import render
+from ._static import StaticTwin, product
 
 __all__ = ["TradeoffExplorer", "BITS", "point", "pareto", "static_figure"]
 
@@ -79,7 +80,7 @@ def _scatter_traces(points: list[dict[str, Any]], current: dict[str, Any] | None
     ]
 
 
-class TradeoffExplorer:
+class TradeoffExplorer(StaticTwin):
     """Sliders over pruning ratio x bit-width driving Pareto plots of accuracy vs latency and vs size.
 
     Args:
@@ -93,7 +94,12 @@ class TradeoffExplorer:
 
     Example:
         >>> ex = TradeoffExplorer(Recipe(model="cnn", epochs=30)); ex.precompute(); ex
+        >>> plots.show(ex.static_figure())  # every grid point behind a slider, for the site
     """
+
+    CONTROLS = ("model", "ratio", "bits")
+    PANELS = (("latency_plot", "size_plot"),)
+    PREFIX = ""
 
     def __init__(self, base: Recipe, *, cache: str | os.PathLike | None = None,
                  amounts: Iterable[float] = (0.0, 0.25, 0.5, 0.75), finetune_epochs: int = 2,
@@ -112,6 +118,7 @@ class TradeoffExplorer:
             raise WorkbenchError(f"amounts must be fractions in [0, 1), got {amounts!r}")
         self.results: dict[Recipe, Result] = {}
         self.last_seconds = 0.0
+        self.headline = ""
         self.ratio = ipywidgets.SelectionSlider(options=[(f"{a:.0%}", a) for a in self.amounts],
                                                 value=self.amounts[0], description="prune", continuous_update=False)
         self.bits = ipywidgets.ToggleButtons(options=BITS, value=32, description="bits")
@@ -141,6 +148,21 @@ class TradeoffExplorer:
         return recipe_for(self.models[self.model.value], self.ratio.value, self.bits.value,
                           finetune_epochs=self.finetune_epochs)
 
+    # -- the grid, for the static twin (see StaticTwin) -----------------------------------------
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every setting the controls offer: models x pruning ratios x bit-widths (bits varying fastest)."""
+        return product(model=list(self.models), ratio=self.amounts, bits=BITS)
+
+    def needs(self, setting: Any) -> list[Recipe]:
+        m, a, b = self.models[setting["model"]], setting["ratio"], setting["bits"]
+        float_twin = [recipe_for(m, a, 32, finetune_epochs=self.finetune_epochs)] if b == 4 else []
+        return [recipe_for(m, a, b, finetune_epochs=self.finetune_epochs)] + float_twin
+
+    def label(self, setting: Any) -> str:
+        bits = "fp32" if setting["bits"] == 32 else f"int{setting['bits']}"
+        return ("KD " if setting["model"] != "as given" else "") + f"{setting['ratio']:.0%} {bits}"
+
     def _run(self, recipe: Recipe) -> Result:
         if recipe not in self.results:
             self.results[recipe] = run(recipe, cache=self.cache, progress=False)
@@ -156,6 +178,8 @@ class TradeoffExplorer:
 
     def update(self, change: Any = None) -> Result | None:
         """Run (or fetch) the current point and redraw both Pareto plots."""
+        if self._hold:  # set_controls is setting several controls: it calls update once at the end
+            return None
         t0 = time.perf_counter()
         try:
             result = self._run(self.recipe())
@@ -164,6 +188,7 @@ class TradeoffExplorer:
                                      finetune_epochs=self.finetune_epochs))
         except WorkbenchError as exc:
             self.info.value = f'<p style="color:#c62828"><b>Cannot run this setting:</b> {html.escape(str(exc))}</p>'
+            self.headline = f"cannot run this setting: {exc}"
             self.last_seconds = time.perf_counter() - t0
             return None
         points = self.points()
@@ -177,11 +202,15 @@ class TradeoffExplorer:
                         trace.text = src.text
                     if src.marker is not None and src.marker.size is not None:
                         trace.marker.size, trace.marker.color = src.marker.size, src.marker.color
+                        trace.marker.symbol = src.marker.symbol
         note = " (no int4 kernels: latency of the float model)" if self.bits.value == 4 else ""
         self.info.value = (f"<b>{html.escape(current['label'])}</b>: test accuracy {current['accuracy']:.2%}, "
                            f"{current['size_kb']:.1f} KB, ORT p50 {current['latency_us']:.1f} us{note}"
                            + (" &middot; from the cache" if result.cached else ""))
-        render(self._outputs, self)
+        self.headline = (f"{current['label']}: test accuracy {current['accuracy']:.2%}, {current['size_kb']:.1f} KB, "
+                         f"ORT p50 {current['latency_us']:.1f} us{note}")
+        if not self._quiet:
+            render(self._outputs, self)
         self.last_seconds = time.perf_counter() - t0
         return result
 
@@ -195,29 +224,6 @@ class TradeoffExplorer:
         return results
 
 
-def static_figure(explorer: TradeoffExplorer, x: str = "latency_us") -> go.Figure:
-    """A plotly figure with one slider step per pruning ratio (frames precomputed): works with no kernel.
-
-    Every computed point is drawn; the slider highlights the points of one ratio (all bit-widths).
-    """
-    points = explorer.points()
-    title = {"latency_us": "ORT p50 latency, batch 1 (us)", "size_kb": "size (KB)"}[x]
-    fig = go.Figure(_scatter_traces(points, None, x))
-    steps = []
-    for a in explorer.amounts:
-        sel = [p for p in points if p["prune"] == a]
-        fig.add_trace(go.Scatter(x=[p[x] for p in sel], y=[p["accuracy"] for p in sel], mode="markers+text",
-                                 text=[("KD " if p["student"] else "") + (f"int{p['bits']}" if p["bits"] < 32 else "fp32")
-                                       for p in sel],
-                                 textposition="top center", visible=a == explorer.amounts[0],
-                                 marker=dict(size=16, symbol=["star-diamond" if p["student"] else "star" for p in sel],
-                                             color="crimson"), name=f"{a:.0%} pruned"))
-    n_fixed = 3
-    for i, a in enumerate(explorer.amounts):
-        visible = [True] * n_fixed + [j == i for j in range(len(explorer.amounts))]
-        steps.append(dict(method="update", label=f"{a:.0%}", args=[{"visible": visible}]))
-    fig.update_layout(sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="channels pruned: "))],
-                      title="Accuracy vs " + title.split(" (")[0] + ": pruning x bit-width", height=460,
-                      xaxis=dict(title=title, type="log" if x == "size_kb" else "linear"),
-                      yaxis=dict(title="test accuracy", tickformat=".0%"), showlegend=False)
-    return fig
+def static_figure(explorer: TradeoffExplorer) -> go.Figure:
+    """The explorer's static twin (:meth:`TradeoffExplorer.static_figure`): one slider step per computed grid point."""
+    return explorer.static_figure()
