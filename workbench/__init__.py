@@ -7,8 +7,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import (cluster, coding, data, distill, fold, measure, models, onnx, ort, plots, presets, prune,  # noqa: E402
-               quant, recipe, schedules, sparse, train)
+from . import (cluster, coding, data, distill, fold, llm, measure, models, onnx, ort, plots, presets,  # noqa: E402
+               prune, quant, recipe, schedules, sparse, train)
 from .data import Dataset, load  # noqa: E402
 from .errors import WorkbenchError  # noqa: E402
 from .models import build  # noqa: E402
@@ -22,6 +22,7 @@ __all__ = [
     "data",
     "distill",
     "fold",
+    "llm",
     "measure",
     "models",
     "onnx",

@@ -1,0 +1,35 @@
+"""Large models, part 1: a small GPT trained offline on ``pydoc_data.topics`` and its weights compressed
+as large language models' are (per-group RTN, GPTQ, AWQ, SmoothQuant W8A8, magnitude/Wanda/SparseGPT
+pruning, 2:4), measured in validation bits per character.
+
+Example:
+    >>> from workbench import llm
+    >>> t = llm.pretrained()                                   # cached; ~3 min on 2 cores on a miss
+    >>> calib = llm.calibration_ids(t.corpus)
+    >>> q, packed = llm.quantize_weights(t.model, llm.WeightQuant(4, 32), method="gptq", calib=calib)
+    >>> llm.evaluate_bpc(q, t.corpus.ids("val")).bits_per_char, llm.memory(packed)["bits_per_weight"]
+"""
+
+from __future__ import annotations
+
+from .awq import awq, awq_search
+from .calib import InputStats, block_linears, calibration_ids, collect_inputs, fold_scale
+from .corpus import CharTokenizer, Corpus, load_corpus, unigram_entropy
+from .gpt import GPT, GPTConfig, generate
+from .smooth import ChannelStats, activation_stats, smoothquant, smoothquant_scale, w8a8
+from .sparsify import magnitude_scores, nm_mask, row_mask, sparsegpt, sparsify, wanda_scores
+from .trainer import BPC, TrainConfig, Trained, evaluate_bpc, pretrained, train
+from .weights import (PackedWeight, WeightQuant, closed_form_bits_per_weight, gptq, layer_error, memory, pack,
+                      pack_bits, quantize_weights, rtn, unpack_bits)
+
+__all__ = [
+    "CharTokenizer", "Corpus", "load_corpus", "unigram_entropy",
+    "GPT", "GPTConfig", "generate",
+    "TrainConfig", "Trained", "BPC", "train", "evaluate_bpc", "pretrained",
+    "InputStats", "block_linears", "calibration_ids", "collect_inputs", "fold_scale",
+    "WeightQuant", "PackedWeight", "rtn", "gptq", "pack", "pack_bits", "unpack_bits", "quantize_weights", "memory",
+    "closed_form_bits_per_weight", "layer_error",
+    "awq", "awq_search",
+    "ChannelStats", "activation_stats", "smoothquant", "smoothquant_scale", "w8a8",
+    "magnitude_scores", "wanda_scores", "row_mask", "nm_mask", "sparsegpt", "sparsify",
+]
