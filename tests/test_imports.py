@@ -93,6 +93,7 @@ def test_lower_layers_never_import_higher_ones():
     core_and_techniques = {"workbench.data", "workbench.models", "workbench.train", "workbench.measure",
                            "workbench.sparse", "workbench.prune", "workbench.quant", "workbench.cluster",
                            "workbench.coding", "workbench.distill", "workbench.fold", "workbench.schedules", "workbench.llm",
+                           "workbench.store",
                            "workbench.onnx", "workbench.ort"}
 
     def top(name: str) -> str:

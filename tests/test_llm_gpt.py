@@ -76,13 +76,13 @@ def test_training_learns_and_is_seeded():
     assert a.meta["val_bpc"] == pytest.approx(b.meta["val_bpc"], rel=1e-5)
 
 
-def test_cache_root_is_the_recipe_cache_dir(monkeypatch, tmp_path):
-    from workbench.llm.trainer import cache_root
+def test_the_model_cache_lives_in_the_recipe_cache_dir(monkeypatch, tmp_path):
     from workbench.recipe import cache_dir
 
-    assert cache_root() == cache_dir()
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
-    assert cache_root() == cache_dir() == tmp_path
+    assert cache_dir() == tmp_path
+    trained = pretrained(TINY, corpus=load_corpus(TEXT), progress=False)
+    assert trained.path.parent == cache_dir() / "llm"
 
 
 def test_pretrained_caches_atomically_and_bad_input_writes_nothing(tmp_path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from .errors import WorkbenchError
 __all__ = [
     "QParams", "qrange", "qparams_from_range", "compute_qparams", "quantize", "dequantize", "fake_quantize",
     "CALIBRATIONS", "calibrate_range", "sqnr", "QuantConfig", "FakeQuantLayer", "quantize_model",
-    "collect_inputs", "layer_sqnr", "packed_bytes", "int_forward", "int_float_gap_bound",
+    "collect_inputs", "feed_inputs", "layer_sqnr", "packed_bytes", "int_forward", "int_float_gap_bound",
 ]
 
 CALIBRATIONS = ("minmax", "moving_average", "percentile", "mse")
@@ -295,12 +295,12 @@ class FakeQuantLayer(nn.Module):
         return F.conv2d(x, w, lay.bias, lay.stride, lay.padding, lay.dilation, lay.groups)
 
 
-def collect_inputs(model: nn.Module, X: torch.Tensor, *, batch_size: int = 256) -> dict[str, list[torch.Tensor]]:
-    """The input activations of every Linear/Conv2d (or fake-quantized layer) on X, by layer name."""
-    seen: dict[str, list[torch.Tensor]] = {}
-    # In a fake-quantized model the wrapper, not the wrapped layer, receives the input.
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.setdefault(name, []).append(args[0].detach()))
-             for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, FakeQuantLayer))]
+def feed_inputs(model: nn.Module, X: torch.Tensor, layers: Mapping[str, nn.Module],
+                on_input: Callable[[str, torch.Tensor], None], *, batch_size: int = 256) -> None:
+    """Run `X` through `model` in eval mode, without gradients, in batches, calling
+    ``on_input(name, input)`` with the input each of `layers` receives; the model's mode is restored."""
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: on_input(name, args[0].detach()))
+             for n, m in layers.items()]
     was_training = model.training
     model.eval()
     try:
@@ -311,6 +311,14 @@ def collect_inputs(model: nn.Module, X: torch.Tensor, *, batch_size: int = 256) 
         for h in hooks:
             h.remove()
         model.train(was_training)
+
+
+def collect_inputs(model: nn.Module, X: torch.Tensor, *, batch_size: int = 256) -> dict[str, list[torch.Tensor]]:
+    """The input activations of every Linear/Conv2d (or fake-quantized layer) on X, by layer name."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    # In a fake-quantized model the wrapper, not the wrapped layer, receives the input.
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, FakeQuantLayer))}
+    feed_inputs(model, X, layers, lambda name, x: seen.setdefault(name, []).append(x), batch_size=batch_size)
     return seen
 
 

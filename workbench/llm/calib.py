@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import WorkbenchError
+from ..quant import feed_inputs
 from .corpus import Corpus
 from .gpt import GPT
 
@@ -84,8 +85,8 @@ def collect_inputs(model: GPT, calib: torch.Tensor, names: list[str] | None = No
     names = list(layers) if names is None else names
     stats: dict[str, InputStats] = {}
 
-    def hook(mod, args, name):
-        x = args[0].detach().reshape(-1, args[0].shape[-1])
+    def gather(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
         xd = x.double()
         s = stats.get(name)
         if s is None:
@@ -99,17 +100,7 @@ def collect_inputs(model: GPT, calib: torch.Tensor, names: list[str] | None = No
         if len(s.rows) < keep_rows:
             s.rows = torch.cat([s.rows, x[:keep_rows - len(s.rows)]])
 
-    hooks = [layers[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(calib), batch_size):
-                model(calib[i:i + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    feed_inputs(model, calib, {n: layers[n] for n in names}, gather, batch_size=batch_size)
     return stats
 
 

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +27,12 @@ from tqdm.auto import trange
 
 from ..errors import WorkbenchError
 from ..schedules import Schedule
+from ..store import cache_dir, publish_dir
 from ..train import show_progress
 from .corpus import CharTokenizer, Corpus, load_corpus
 from .gpt import GPT, GPTConfig
 
-__all__ = ["TrainConfig", "Trained", "train", "evaluate_bpc", "BPC", "pretrained", "cache_key", "cache_root",
+__all__ = ["TrainConfig", "Trained", "train", "evaluate_bpc", "BPC", "pretrained", "cache_key",
            "LLM_VERSION"]
 
 LLM_VERSION = "1"  # bump when training or evaluation code changes what a cached model is
@@ -97,16 +97,6 @@ def _versions() -> dict[str, str]:
 
     return {"workbench": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "llm": LLM_VERSION}
-
-
-def cache_root(path: str | os.PathLike | None = None) -> Path:
-    """The cache root, by the same rule as ``workbench.recipe.cache_dir`` ($WORKBENCH_CACHE, else
-    ~/.cache/workbench); restated, not imported, so this technique never imports the pipeline (which may
-    import it)."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get("WORKBENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "workbench"
 
 
 def cache_key(config: TrainConfig, corpus: Corpus) -> str:
@@ -219,7 +209,7 @@ def pretrained(config: TrainConfig = TrainConfig(), *, corpus: Corpus | None = N
     Args:
         config: model and training settings (the default trains in about 3 minutes on 2 cores).
         corpus: default :func:`load_corpus` (``pydoc_data.topics``).
-        cache: the cache root; default ``workbench.recipe.cache_dir()`` ($WORKBENCH_CACHE or ~/.cache/workbench).
+        cache: the cache root; default ``workbench.store.cache_dir()`` ($WORKBENCH_CACHE or ~/.cache/workbench).
         retrain: ignore a cached entry and replace it.
 
     Example:
@@ -227,7 +217,7 @@ def pretrained(config: TrainConfig = TrainConfig(), *, corpus: Corpus | None = N
     """
     corpus = corpus if corpus is not None else load_corpus()
     corpus.check_context(config.block_size)  # before anything is written
-    root = cache_root(cache) / "llm"
+    root = cache_dir(cache) / "llm"
     key = cache_key(config, corpus)
     entry = root / key
     if not retrain and (entry / "meta.json").exists():
@@ -236,24 +226,12 @@ def pretrained(config: TrainConfig = TrainConfig(), *, corpus: Corpus | None = N
         except (OSError, ValueError, KeyError, RuntimeError, TypeError):
             pass  # damaged or foreign entry: train again and replace it
     trained = train(config, corpus, progress=progress)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> None:
         torch.save({"model": trained.model.state_dict(), "chars": "".join(trained.tokenizer.chars)}, tmp / "model.pt")
         (tmp / "meta.json").write_text(json.dumps({**trained.meta, "key": key}, indent=1))
-        if entry.exists():
-            stale = root / f".stale-{key}-{os.getpid()}"
-            os.replace(entry, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, entry)
-        except OSError:
-            if not (entry / "meta.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir(root, key, fill, is_complete=lambda e: (e / "meta.json").exists())
     trained.meta["key"] = key
     trained.path = entry
     return trained

@@ -13,7 +13,7 @@ model and the data (and the versions of the code that measured them), so a sweep
 once answers at once. Every face of the project (CLI, widgets, benchmarks, book) goes through `run`.
 """
 
-from .cache import cache_dir
+from ..store import cache_dir
 from .pipeline import run, sweep
 from .result import RESULT_VERSION, Result, load_model
 from .settings import Recipe

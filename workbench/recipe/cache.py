@@ -14,8 +14,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -23,19 +21,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..store import publish_dir
 from .result import Result, _versions
 from .settings import Recipe
 from . import steps as _steps
 
-__all__ = ["cache_dir", "key", "key_settings", "read", "publish", "measured_twin", "model_fingerprint"]
-
-
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """Where results are cached: `path`, else $WORKBENCH_CACHE, else ~/.cache/workbench."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get("WORKBENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "workbench"
+__all__ = ["key", "key_settings", "read", "publish", "measured_twin", "model_fingerprint"]
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -84,31 +75,15 @@ def _localize(result: Result, entry: Path) -> Result:
 
 
 def publish(root: Path, key_: str, recipe: Recipe, fill: Callable[[Path], Result]) -> Result:
-    """Build an entry in a temporary folder with `fill(folder)`, then publish it with one rename.
+    """Measure into a temporary folder with `fill(folder)`, write its result.json, publish it atomically."""
 
-    An older or damaged entry is moved aside first; if another process published the same key
-    meanwhile, its entry is equally valid and ours is dropped.
-    """
-    entry = root / key_
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{key_}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    def fill_entry(tmp: Path) -> Result:
         result = fill(tmp)
         (tmp / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
-        if entry.exists():
-            stale = root / f".stale-{key_}-{os.getpid()}"
-            os.replace(entry, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, entry)
-        except OSError:
-            if read(entry, recipe) is None:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _localize(result, entry)
+        return result
+
+    result = publish_dir(root, key_, fill_entry, is_complete=lambda entry: read(entry, recipe) is not None)
+    return _localize(result, root / key_)
 
 
 def measured_twin(recipe: Recipe, model_id: str, data_id: str, root: Path) -> Result | None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -16,6 +17,7 @@ from .. import data as _data
 from .. import distill, measure, models, prune, quant, schedules, sparse
 from .. import onnx as _onnx
 from ..errors import WorkbenchError
+from ..store import cache_dir
 from ..train import evaluate, fit, show_progress
 from . import cache as _cache
 from .result import Result, _versions
@@ -60,8 +62,6 @@ def _measure(ctx: Context, entry: Path, key: str, builtin: bool, history: dict, 
                 "options": recipe.options | widths | folded}
         models.save_checkpoint(ckpt, net, spec=spec, metadata={"recipe": recipe.to_dict(), "accuracy": ctx.test.accuracy})
     else:
-        import torch
-
         torch.save({"state_dict": net.state_dict()}, ckpt)
     onnx_path = parity = ort_lat = None
     if recipe.export_onnx:
@@ -128,7 +128,7 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
         net = copy.deepcopy(model)
         model_id = _cache.model_fingerprint(net)
     key = _cache.key(recipe, model_id, ds.fingerprint)
-    root = _cache.cache_dir(cache) / "results"
+    root = cache_dir(cache) / "results"
     if use_cache and (hit := _cache.read(root / key, recipe)) is not None:
         return hit
 

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+import torch
 from torch import nn
 
 from .. import cluster, coding, fold, prune, quant, schedules
 from .. import data as _data
 from .. import models
+from .. import onnx as _onnx
 from .. import ort as _ort
 from ..errors import WorkbenchError
 from ..train import OPTIMIZERS, Evaluation, fit
@@ -340,13 +344,6 @@ def _validate_ort_quant(r: "Recipe") -> None:
 
 def _apply_ort_quant(ctx: Context) -> OrtQuantRecord:
     """Replace entry/model.onnx by its ONNX Runtime int8 version; its accuracy becomes the result's."""
-    import os
-    import warnings
-
-    import torch
-
-    from .. import onnx as _onnx
-
     r, ds, entry = ctx.recipe, ctx.data, ctx.entry
     assert entry is not None and ctx.test is not None and ctx.val is not None
     fp32 = entry / "model.fp32.onnx"
