@@ -1,5 +1,6 @@
 """A small decoder-only transformer (GPT): token + position embeddings, pre-norm blocks of causal
-self-attention and MLP, optional weight tying; and greedy/sampled generation.
+self-attention and MLP, optional weight tying; greedy/sampled generation; and an incremental forward
+(:meth:`GPT.step`) that keeps each layer's keys and values in a :class:`KVCache`.
 
 The layout follows nanoGPT (Karpathy): ``ln_1 -> attn.qkv -> attn.proj`` and ``ln_2 -> mlp.fc -> GELU
 -> mlp.proj`` in every block, which is what the weight-only methods rely on: each LayerNorm feeds
@@ -17,7 +18,7 @@ from torch.nn import functional as F
 from ..errors import WorkbenchError
 from .corpus import CharTokenizer
 
-__all__ = ["GPTConfig", "GPT", "generate"]
+__all__ = ["GPTConfig", "GPT", "KVCache", "generate"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,35 @@ class GPTConfig:
         return asdict(self)
 
 
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Every layer's keys and values for the tokens seen so far, each (batch, heads, tokens, head_dim).
+
+    Example:
+        >>> logits, cache = model.step(prompt); logits, cache = model.step(next_id, cache); cache.length
+    """
+
+    layers: tuple[KV, ...]
+
+    @property
+    def length(self) -> int:
+        """How many positions the cache holds (the position the next token gets)."""
+        return self.layers[0][0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def crop(self, length: int) -> "KVCache":
+        """The first `length` positions: what the cache held before later tokens were appended."""
+        if not 0 <= length <= self.length:
+            raise WorkbenchError(f"cannot crop a cache of {self.length} positions to {length}")
+        return KVCache(tuple((k[:, :, :length], v[:, :, :length]) for k, v in self.layers))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -56,11 +86,28 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.step(x)[0]
+
+    def step(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """Attend the new positions `x` (B, T, C) to `past` keys/values and themselves; returns the output
+        and the keys/values with this call's appended."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        s = k.shape[2] - t  # positions already cached
+        p = self.dropout if self.training else 0.0
+        if s == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        elif t == 1:  # one new token may see every cached one: no mask
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            # new token i sits at position s + i and sees keys 0 .. s + i. (is_causal would align the mask
+            # to the top-left corner, i.e. as if the chunk started at position 0.)
+            mask = torch.ones(t, s + t, dtype=torch.bool, device=x.device).tril(diagonal=s)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d)), (k, v)
 
 
 class MLP(nn.Module):
@@ -82,8 +129,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        return self.step(x)[0]
+
+    def step(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attn.step(self.ln_1(x), past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), kv
 
 
 class GPT(nn.Module):
@@ -128,6 +179,34 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+    def step(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """The incremental forward: logits (B, T, vocab) of the new tokens `idx` (B, T) placed after the
+        positions in `cache`, and the cache with their keys and values appended.
+
+        ``model.step(idx)`` computes what ``model(idx)`` does (and returns the cache); the position
+        embedding of new token i is that of position ``cache.length + i``, so the context is at most
+        ``block_size`` positions: re-prefill from the last tokens when it is full (see workbench.llm.decode).
+
+        Example:
+            >>> logits, cache = model.step(prompt_ids)                   # prefill
+            >>> logits, cache = model.step(logits[:, -1:].argmax(-1), cache)  # one more token
+        """
+        s, t = (cache.length if cache is not None else 0), idx.shape[1]
+        if t < 1:
+            raise WorkbenchError("step needs at least one new token, got an empty (B, 0) tensor")
+        if s + t > self.config.block_size:
+            raise WorkbenchError(f"{s} cached + {t} new positions exceed the context length {self.config.block_size}; "
+                                 f"re-prefill from the last {self.config.block_size} tokens or fewer")
+        if cache is not None and len(cache.layers) != len(self.blocks):
+            raise WorkbenchError(f"the cache has {len(cache.layers)} layers but the model has {len(self.blocks)}: "
+                                 "it came from another model")
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(s, s + t, device=idx.device)))
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block.step(x, cache.layers[i] if cache is not None else None)
+            kvs.append(kv)
+        return self.lm_head(self.ln_f(x)), KVCache(tuple(kvs))
 
 
 @torch.no_grad()
