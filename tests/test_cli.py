@@ -53,7 +53,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, monkeypatch, capsys, ar
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["info", "--help"], ["export", "--help"],
-                                  ["bench", "--help"]])
+                                  ["bench", "--help"], ["generate", "--help"]])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -315,7 +315,9 @@ def test_flag_defaults_and_choices_are_the_librarys():
     assert cli._train_recipe(parser.parse_args(["train", "--out", "m.pt"])) == wrecipe.Recipe()
     defaults = parser.parse_args(["compress", "--out", "m.pt"])
     assert cli._compress_recipe(defaults) == wrecipe.Recipe()
-    expected = {"model": models.MODELS, "dataset": data.DATASETS, "optimizer": train.OPTIMIZERS,
+    expected = {"model": [*models.MODELS, *wrecipe.LANGUAGE_MODELS], "dataset": [*data.DATASETS, *wrecipe.CORPORA],
+                "optimizer": train.OPTIMIZERS, "prune_method": wrecipe.PRUNE_METHODS,
+                "quant_method": wrecipe.QUANT_METHODS,
                 "lr_schedule": schedules.KINDS, "prune_kind": wrecipe.PRUNE_KINDS, "scope": wrecipe.PRUNE_SCOPES,
                 "schedule": wrecipe.PRUNE_SCHEDULES, "ort_quant": wrecipe.ORT_QUANT_MODES,
                 "granularity": quant.GRANULARITIES, "calibration": quant.CALIBRATIONS, "opt_level": onnx.OPT_LEVELS}

@@ -1,4 +1,4 @@
-"""The `workbench` command line: train, compress, info, export, bench, serve, registry (also `python -m workbench`).
+"""The `workbench` command line: train, compress, info, generate, export, bench, serve, registry (also `python -m workbench`).
 
 Every mistake a user can make ends in one line on stderr and exit status 2, and a failed command
 leaves no output file behind: outputs are checked before any work starts, written under temporary
@@ -132,6 +132,20 @@ def _load_data(name: str, root: str | None, seed: int):
     return data.load(name, root=root, seed=seed)
 
 
+def _is_lm(recipe) -> bool:
+    from .recipe import LANGUAGE_MODELS
+
+    return recipe.model in LANGUAGE_MODELS
+
+
+def _refuse_for_lm(args: argparse.Namespace, *flags: str) -> None:
+    """Options of the classifier pipeline that the GPT does not have: one line, before any work."""
+    given = [f for f in flags if getattr(args, f.lstrip("-").replace("-", "_"), None) not in (None, False)]
+    if given:
+        raise WorkbenchError(f"{', '.join(given)} is not available for the GPT (its ONNX export and registry "
+                             "entry are not part of this pipeline); drop it")
+
+
 def _train_recipe(args: argparse.Namespace, **compression: Any):
     from .recipe import Recipe
 
@@ -142,13 +156,18 @@ def _train_recipe(args: argparse.Namespace, **compression: Any):
 
 
 def _compress_recipe(args: argparse.Namespace):
-    act_bits = args.act_bits if args.act_bits is not None else (8 if args.bits else _default("act_bits"))
+    from .recipe import LANGUAGE_MODELS
+
+    # A classifier's --bits quantizes activations to 8 bits too unless told; the GPT's is weight-only.
+    weight_and_act = args.bits and args.model not in LANGUAGE_MODELS
+    act_bits = args.act_bits if args.act_bits is not None else (8 if weight_and_act else _default("act_bits"))
     return _train_recipe(args, prune_amount=args.prune, prune_kind=args.prune_kind, prune_scope=args.scope,
                          prune_schedule=args.schedule, prune_steps=args.steps, prune_exclude=tuple(args.exclude),
                          finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, weight_bits=args.bits,
                          act_bits=act_bits, quant_symmetric=not args.asymmetric, quant_granularity=args.granularity,
                          calibration=args.calibration, qat_epochs=args.qat, fold_bn=args.fold_bn,
-                         ort_quant=args.ort_quant)
+                         ort_quant=args.ort_quant, prune_method=args.prune_method, group_size=args.group_size,
+                         quant_method=args.quant_method)
 
 
 def _check_register(args: argparse.Namespace) -> None:
@@ -178,14 +197,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .recipe import run
 
     recipe = _train_recipe(args)
+    lm = _is_lm(recipe)
+    if lm:
+        _refuse_for_lm(args, "--register", "--data-root")
     _check_register(args)
     with _Outputs() as outs:
         outs.add(args.out, "--out", "model.pt")
-        result = run(recipe, data=_load_data(args.dataset, args.data_root, args.seed), use_cache=not args.no_cache)
+        data = None if lm else _load_data(args.dataset, args.data_root, args.seed)
+        result = run(recipe, data=data, use_cache=not args.no_cache)
         shutil.copyfile(result.checkpoint_path, outs.tmp(args.out))
         registered = _register(result, args)
     source = "from cache" if result.cached else f"trained in {result.train_seconds:.1f} s"
-    print(f"{recipe.model} on {recipe.dataset}: test accuracy {result.accuracy:.4f} ({source}); wrote {args.out}")
+    metric = (f"validation {result.val_bpc:.4f} bits/char" if lm else f"test accuracy {result.accuracy:.4f}")
+    print(f"{recipe.model} on {recipe.dataset}: {metric} ({source}); wrote {args.out}")
     if registered:
         print(registered)
 
@@ -197,6 +221,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if not recipe.compressed:
         raise WorkbenchError("nothing to compress: give a pruning amount (--prune 0.8), bits (--bits 8), "
                              "--fold-bn or --ort-quant")
+    if _is_lm(recipe):
+        _refuse_for_lm(args, "--register", "--onnx", "--data-root")
+        return _compress_lm(recipe, args)
     _check_register(args)
     with _Outputs() as outs:
         outs.add(args.out, "--out", "model.pt")
@@ -242,18 +269,84 @@ def cmd_compress(args: argparse.Namespace) -> None:
         print(registered)
 
 
+def _compress_lm(recipe, args: argparse.Namespace) -> None:
+    from .recipe import run
+
+    with _Outputs() as outs:
+        outs.add(args.out, "--out", "model.pt")
+        r = run(recipe, use_cache=not args.no_cache)
+        shutil.copyfile(r.checkpoint_path, outs.tmp(args.out))
+        dense = run(recipe.dense())
+    steps = []
+    if "prune" in r.steps:
+        p = r.steps["prune"]
+        steps.append(f"{p.method} pruning {'2:4' if p.kind == '2:4' else f'{p.amount:.0%}'} ({p.scope}, no retraining)")
+    if "quantize" in r.steps:
+        q = r.steps["quantize"]
+        groups = f"groups of {q.group_size}" if q.group_size else "per channel"
+        steps.append(f"{q.method.upper() if q.method != 'smoothquant' else 'SmoothQuant'} "
+                     + (f"W{q.weight_bits or 32}A{q.act_bits} per tensor" if q.act_bits else
+                        f"{q.weight_bits}-bit weights {groups}, {'symmetric' if q.symmetric else 'asymmetric'}"))
+    print(f"{recipe.model} on {recipe.dataset}: " + "; ".join(steps))
+    print(f"  validation bits/char {dense.val_bpc:.4f} -> {r.val_bpc:.4f} ({r.delta_bpc:+.4f}; perplexity "
+          f"{dense.val_perplexity:.3f} -> {r.val_perplexity:.3f}) on {r.val_chars:,} held-out characters")
+    print(f"  block Linears  {dense.weight_bytes / 1024:.1f} KB -> {r.weight_bytes / 1024:.1f} KB "
+          f"({r.bits_per_weight:.3g} bits per weight with scales and zero points; sparsity {r.sparsity:.1%})")
+    print(f"  checkpoint     {os.path.getsize(dense.checkpoint_path) / 1024:.1f} KB -> "
+          f"{os.path.getsize(r.checkpoint_path) / 1024:.1f} KB")
+    print(f"  {r.samples['prompt']!r} -> {r.samples['greedy'][:60]!r} (greedy)")
+    print(f"wrote {args.out}")
+
+
 def _load(path: str):
     """The model of a checkpoint written by train/compress (quantized ones included), its spec and metadata."""
+    from .llm.checkpoint import is_gpt_checkpoint
     from .models import read_checkpoint
     from .recipe import load_model
 
+    if is_gpt_checkpoint(path):
+        raise WorkbenchError(f"{path!r} is a GPT checkpoint: `workbench info` and `workbench generate` read it; "
+                             "ONNX export of the GPT is not part of this command")
     payload = read_checkpoint(path)  # one sentence for anything that is not a sound checkpoint
     return load_model(path), payload["spec"], payload["metadata"]
 
 
+def _info_lm(path: str) -> None:
+    from . import llm, measure
+
+    model, tok, meta = llm.checkpoint.load(path)
+    cfg = model.config
+    linears = llm.block_linears(model)
+    n = sum(m.weight.numel() for m in linears.values())
+    print(f"model:        gpt, {cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd} wide, context {cfg.block_size}, "
+          f"{tok.vocab_size}-character vocabulary")
+    recipe = meta.get("recipe", {})
+    if recipe.get("weight_bits"):
+        print(f"compressed:   {recipe.get('quant_method')} {recipe['weight_bits']}-bit weights"
+              + (f", groups of {recipe['group_size']}" if recipe.get("group_size") else "")
+              + (f", {recipe['act_bits']}-bit activations" if recipe.get("act_bits") else ""))
+    if recipe.get("prune_amount"):
+        print(f"pruned:       {recipe.get('prune_method')} {recipe.get('prune_kind')} {recipe['prune_amount']:.0%}")
+    print(f"parameters:   {measure.count_params(model):,} ({n:,} in the block Linears, "
+          f"{sum(int((m.weight != 0).sum()) for m in linears.values()):,} of them non-zero)")
+    print(f"file size:    {measure.file_bytes(path) / 1024:.1f} KB")
+    corpus = llm.load_corpus()
+    if meta.get("sha256") == corpus.sha256 and tok.chars == corpus.tokenizer.chars:
+        bpc = llm.evaluate_bpc(model, corpus.ids("val"))
+        print(f"validation:   {bpc.bits_per_char:.4f} bits/char (perplexity {bpc.perplexity:.3f}) on {bpc.chars:,} "
+              f"characters of {corpus.name} (Python {corpus.python_version})")
+    else:
+        print(f"validation:   not measured: the checkpoint was trained on a corpus with sha256 "
+              f"{str(meta.get('sha256'))[:12]}, this Python's is {corpus.sha256[:12]}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from . import measure
+    from .llm.checkpoint import is_gpt_checkpoint
     from .train import evaluate
+
+    if is_gpt_checkpoint(args.checkpoint):
+        return _info_lm(args.checkpoint)
 
     model, spec, meta = _load(args.checkpoint)
     recipe = meta.get("recipe", {})
@@ -269,6 +362,24 @@ def cmd_info(args: argparse.Namespace) -> None:
             raise WorkbenchError(f"checkpoint expects inputs {tuple(spec['input_shape'])} but {ds.name} has {ds.input_shape}")
         ev = evaluate(model, ds.X_test, ds.y_test)
         print(f"test accuracy: {ev.accuracy:.4f} on {ev.n} {ds.name} test examples (seed {ds.seed})")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from . import llm
+    from .llm.checkpoint import is_gpt_checkpoint
+
+    from .models import read_checkpoint
+
+    if not is_gpt_checkpoint(args.checkpoint):
+        read_checkpoint(args.checkpoint)  # one line for a missing, foreign or unsafe file
+        raise WorkbenchError(f"{args.checkpoint!r} is an image classifier's checkpoint; `workbench generate` "
+                             "continues text with a GPT (`workbench train --model gpt --dataset pydoc --out gpt.pt`)")
+    if args.top_k is not None and args.top_k < 1:
+        raise WorkbenchError(f"--top-k must be >= 1 (the number of likeliest characters to sample from), got {args.top_k}")
+    model, tok, _ = llm.checkpoint.load(args.checkpoint)
+    text = llm.generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, seed=args.seed)
+    print(args.prompt + text)
 
 
 def _provider_names(text: str | None) -> str | list[str] | None:
@@ -354,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
     from .onnx import OPT_LEVELS
     from .quant import CALIBRATIONS, GRANULARITIES
-    from .recipe import ORT_QUANT_MODES, PRUNE_KINDS, PRUNE_SCHEDULES, PRUNE_SCOPES
+    from .recipe import (CORPORA, LANGUAGE_MODELS, ORT_QUANT_MODES, PRUNE_KINDS, PRUNE_METHODS, PRUNE_SCHEDULES,
+                         PRUNE_SCOPES, QUANT_METHODS)
     from .schedules import KINDS
     from .train import OPTIMIZERS
 
@@ -363,8 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def training_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=_default("model"), choices=list(MODELS))
-        p.add_argument("--dataset", default=_default("dataset"), choices=list(DATASETS))
+        p.add_argument("--model", default=_default("model"), choices=[*MODELS, *LANGUAGE_MODELS],
+                       help="an image classifier of the zoo, or gpt (a character-level language model)")
+        p.add_argument("--dataset", default=_default("dataset"), choices=[*DATASETS, *CORPORA],
+                       help="an image dataset, or pydoc (the text corpus the gpt trains on)")
         p.add_argument("--data-root", help="folder with the dataset files (mnist, fashion-mnist, cifar10)")
         p.add_argument("--epochs", type=int, default=_default("epochs"))
         p.add_argument("--lr", type=float, default=_default("lr"))
@@ -373,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
         p.add_argument("--seed", type=int, default=_default("seed"))
         p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                       help="model option, repeatable (e.g. --option batchnorm=false --option hidden=[512,256])")
+                       help="model option, repeatable (e.g. --option batchnorm=false --option hidden=[512,256]; "
+                            "for gpt, its training settings: --option steps=300 --option n_layer=4)")
         p.add_argument("--lr-schedule", default=_default("lr_schedule"), choices=list(KINDS),
                        help="learning-rate decay over the training epochs (chapter 7)")
         p.add_argument("--lr-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
@@ -399,7 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     training_flags(p)
     p.add_argument("--prune", type=float, default=_default("prune_amount"), metavar="AMOUNT",
                    help="fraction of weights (unstructured) or channels (structured) to remove, in [0, 1)")
-    p.add_argument("--prune-kind", default=_default("prune_kind"), choices=list(PRUNE_KINDS))
+    p.add_argument("--prune-kind", default=_default("prune_kind"), choices=list(PRUNE_KINDS),
+                   help="2:4 (gpt only; with --prune 0.5) keeps 2 weights of every 4 consecutive inputs")
+    p.add_argument("--prune-method", default=_default("prune_method"), choices=list(PRUNE_METHODS),
+                   help="gpt only: wanda (|W| x input norm, per output row) and sparsegpt (OBS reconstruction), "
+                        "without retraining")
     p.add_argument("--scope", default=_default("prune_scope"), choices=list(PRUNE_SCOPES),
                    help="unstructured: rank weights over all layers together (global), within each layer, or "
                    "per-layer amounts (at most --prune) from a sensitivity scan")
@@ -414,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight bits (1..16; 0 keeps float weights)")
     p.add_argument("--act-bits", type=int, default=None, help="activation bits (default 8 with --bits, else 0)")
     p.add_argument("--granularity", default=_default("quant_granularity"), choices=list(GRANULARITIES))
+    p.add_argument("--group-size", type=int, default=_default("group_size"), metavar="G",
+                   help="one scale per G consecutive inputs of each output channel (implies per-group)")
+    p.add_argument("--quant-method", default=_default("quant_method"), choices=list(QUANT_METHODS),
+                   help="gpt only: gptq and awq (weight-only), smoothquant (with --act-bits 8)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric weight ranges (default symmetric)")
     p.add_argument("--calibration", default=_default("calibration"), choices=list(CALIBRATIONS))
     p.add_argument("--qat", type=int, nargs="?", const=3, default=_default("qat_epochs"), metavar="EPOCHS",
@@ -429,6 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--data-root", help="folder with the dataset files, if not the default")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="continue a prompt with a GPT checkpoint (greedy, or sampled with a seed)")
+    p.add_argument("checkpoint", help="a GPT checkpoint written by `workbench train/compress --model gpt`")
+    p.add_argument("--prompt", required=True, help="the text to continue (characters of the model's vocabulary)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="characters to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.8 samples")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest characters")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (the same seed gives the same text)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX and print its parity with PyTorch")
     p.add_argument("checkpoint")

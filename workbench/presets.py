@@ -12,7 +12,8 @@ from .recipe import Recipe, Result, run
 
 __all__ = ["BASELINES", "MARGIN_SEEDS", "PRUNE_UNSTRUCTURED", "PRUNE_STRUCTURED", "QUANT_BASE", "QUANT_RUNS",
            "DEEP_COMPRESSION", "KD_TEACHER", "KD_STUDENT", "KD_SEEDS", "DEPLOY_MODELS", "BROWSER_VARIANTS",
-           "distillation_runs"]
+           "distillation_runs", "LLM_BASE", "LLM_BITS", "LLM_GROUPS", "LLM_QUANT_METHODS", "LLM_PRUNE_KINDS",
+           "LLM_PRUNE_METHODS", "LLM_W8A8", "llm_quant", "llm_prune"]
 
 # The five baselines of chapter 2 (name -> recipe). The notebook trains exactly these, so the
 # book, the bench and the cache agree. Settings were chosen by validation accuracy (mean over
@@ -107,4 +108,34 @@ BROWSER_VARIANTS: dict[str, Recipe] = {
     "int8": _BROWSER_BASE.replace(ort_quant="static"),
     "pruned": _BROWSER_PRUNED,
     "deep_compression": _BROWSER_PRUNED.replace(share_bits=5, share_bits_conv=6, share_epochs=3),
+}
+
+
+# Chapter 12 (Large models): the GPT of workbench.llm (4 layers x 4 heads x 128 wide, context 128,
+# 300 AdamW steps with warmup + cosine; about 3 minutes on 2 cores, then cached) on pydoc_data.topics.
+# Its explorer and the bench's llm group share one grid, so the bench fills the explorer's cache:
+# weight-only quantization at LLM_BITS x LLM_GROUPS (0 = one scale per output channel) x
+# LLM_QUANT_METHODS; pruning without retraining at 50% and 2:4 x every method; W8A8 with and
+# without SmoothQuant.
+LLM_BASE = Recipe(model="gpt", dataset="pydoc")
+LLM_BITS = (8, 4, 3, 2)
+LLM_GROUPS = (0, 128, 64, 32)
+LLM_QUANT_METHODS = ("rtn", "gptq", "awq")
+LLM_PRUNE_KINDS = ("unstructured", "2:4")
+LLM_PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def llm_quant(bits: int, group_size: int = 0, method: str = "rtn") -> Recipe:
+    """The chapter's weight-only recipe: `bits` per weight, scales per `group_size` inputs (0: per channel)."""
+    return LLM_BASE.replace(weight_bits=bits, group_size=group_size, quant_method=method)
+
+
+def llm_prune(method: str, kind: str = "unstructured") -> Recipe:
+    """The chapter's pruning recipe: half of the block Linears' weights, unstructured or 2:4, by `method`."""
+    return LLM_BASE.replace(prune_amount=0.5, prune_kind=kind, prune_method=method)
+
+
+LLM_W8A8: dict[str, Recipe] = {
+    "w8a8": LLM_BASE.replace(weight_bits=8, act_bits=8),
+    "w8a8_smoothquant": LLM_BASE.replace(weight_bits=8, act_bits=8, quant_method="smoothquant"),
 }

@@ -1,6 +1,7 @@
-"""Large models, part 1: a small GPT trained offline on ``pydoc_data.topics`` and its weights compressed
+"""Large models: a small GPT trained offline on ``pydoc_data.topics``, its weights compressed
 as large language models' are (per-group RTN, GPTQ, AWQ, SmoothQuant W8A8, magnitude/Wanda/SparseGPT
-pruning, 2:4), measured in validation bits per character.
+pruning, 2:4), measured in validation bits per character; and generating with it (a KV cache, speculative
+decoding: :mod:`workbench.llm.decode`).
 
 Example:
     >>> from workbench import llm
@@ -13,23 +14,29 @@ Example:
 from __future__ import annotations
 
 from .awq import awq, awq_search
-from .calib import InputStats, block_linears, calibration_ids, collect_inputs, fold_scale
-from .corpus import CharTokenizer, Corpus, load_corpus, unigram_entropy
-from .gpt import GPT, GPTConfig, generate
+from .calib import InputStats, block_linears, calibration_ids, collect_inputs, fold_scale, with_outlier_channels
+from . import checkpoint
+from .corpus import CORPORA, CharTokenizer, Corpus, load_corpus, unigram_entropy
+from .decode import (SpeculativeResult, expected_tokens_per_call, generate_tokens, kv_cache_bytes,
+                     speculative_generate, tokens_per_second, verify)
+from .gpt import GPT, GPTConfig, KVCache, generate
 from .smooth import ChannelStats, activation_stats, smoothquant, smoothquant_scale, w8a8
+from .sparsify import METHODS as PRUNE_METHODS
 from .sparsify import magnitude_scores, nm_mask, row_mask, sparsegpt, sparsify, wanda_scores
 from .trainer import BPC, TrainConfig, Trained, evaluate_bpc, pretrained, train
 from .weights import (PackedWeight, WeightQuant, closed_form_bits_per_weight, gptq, layer_error, memory, pack,
                       pack_bits, quantize_weights, rtn, unpack_bits)
 
 __all__ = [
-    "CharTokenizer", "Corpus", "load_corpus", "unigram_entropy",
-    "GPT", "GPTConfig", "generate",
+    "CORPORA", "CharTokenizer", "Corpus", "load_corpus", "unigram_entropy", "checkpoint",
+    "GPT", "GPTConfig", "KVCache", "generate",
+    "generate_tokens", "kv_cache_bytes", "tokens_per_second", "speculative_generate", "SpeculativeResult", "verify",
+    "expected_tokens_per_call",
     "TrainConfig", "Trained", "BPC", "train", "evaluate_bpc", "pretrained",
-    "InputStats", "block_linears", "calibration_ids", "collect_inputs", "fold_scale",
+    "InputStats", "block_linears", "calibration_ids", "collect_inputs", "fold_scale", "with_outlier_channels",
     "WeightQuant", "PackedWeight", "rtn", "gptq", "pack", "pack_bits", "unpack_bits", "quantize_weights", "memory",
     "closed_form_bits_per_weight", "layer_error",
     "awq", "awq_search",
     "ChannelStats", "activation_stats", "smoothquant", "smoothquant_scale", "w8a8",
-    "magnitude_scores", "wanda_scores", "row_mask", "nm_mask", "sparsegpt", "sparsify",
+    "PRUNE_METHODS", "magnitude_scores", "wanda_scores", "row_mask", "nm_mask", "sparsegpt", "sparsify",
 ]

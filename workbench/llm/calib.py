@@ -10,6 +10,7 @@ which no scale passes through, so it has no producer and keeps s = 1.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +22,7 @@ from ..quant import feed_inputs
 from .corpus import Corpus
 from .gpt import GPT
 
-__all__ = ["block_linears", "calibration_ids", "InputStats", "collect_inputs", "sequential", "fold_scale",
+__all__ = ["block_linears", "calibration_ids", "InputStats", "collect_inputs", "sequential", "fold_scale", "with_outlier_channels",
            "can_fold", "check_calibration"]
 
 
@@ -155,3 +156,29 @@ def fold_scale(model: GPT, name: str, s: torch.Tensor) -> None:
         qkv.weight[2 * d:].div_(s[:, None])
         qkv.bias[2 * d:].div_(s)
     layer.weight.mul_(s[None, :])
+
+
+def with_outlier_channels(model: GPT, *, channels: int = 4, factor: float = 20.0, seed: int = 0) -> GPT:
+    """A copy of `model` computing the same function whose LayerNorm-fed Linears (``attn.qkv``, ``mlp.fc``)
+    see `channels` input channels `factor` times larger, their weight columns `factor` times smaller.
+
+    Large language models grow such outlier features by themselves (Dettmers et al. 2022); this small
+    one does not, so the book makes them by an exact reparametrization (:func:`fold_scale` with
+    ``s = 1 / factor``) to show which methods are fooled by it: a weight's magnitude changes, its
+    product with the input's norm (Wanda's score) does not.
+    """
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise WorkbenchError(f"channels must be a positive integer, got {channels!r}")
+    if not factor > 0:
+        raise WorkbenchError(f"factor must be positive, got {factor!r}")
+    out = copy.deepcopy(model).eval()
+    gen = torch.Generator().manual_seed(seed)
+    for name, layer in block_linears(out).items():
+        if not _producer(name) or not _producer(name).startswith("ln"):
+            continue
+        if channels > layer.in_features:
+            raise WorkbenchError(f"channels {channels} exceeds {name}'s input width {layer.in_features}")
+        s = torch.ones(layer.in_features)
+        s[torch.randperm(layer.in_features, generator=gen)[:channels]] = 1.0 / factor
+        fold_scale(out, name, s)
+    return out

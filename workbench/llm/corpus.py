@@ -18,7 +18,10 @@ import torch
 
 from ..errors import WorkbenchError
 
-__all__ = ["CharTokenizer", "Corpus", "load_corpus", "unigram_entropy"]
+__all__ = ["CharTokenizer", "Corpus", "load_corpus", "unigram_entropy", "CORPORA"]
+
+# The corpora a Recipe can name (``Recipe(model="gpt", dataset="pydoc")``): all ship with Python.
+CORPORA = ("pydoc",)
 
 
 class CharTokenizer:

@@ -20,6 +20,7 @@ from ..errors import WorkbenchError
 from ..store import cache_dir
 from ..train import evaluate, fit, show_progress
 from . import cache as _cache
+from .lm import LMResult, run_lm
 from .result import Result, _versions
 from .settings import Recipe
 from . import steps as _steps
@@ -97,8 +98,11 @@ def _measure(ctx: Context, entry: Path, key: str, builtin: bool, history: dict, 
 
 
 def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module | None = None,
-        cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool | None = None) -> Result:
+        cache: str | os.PathLike | None = None, use_cache: bool = True, progress: bool | None = None) -> Result | LMResult:
     """Run one recipe end to end: build (or take) the model, train, apply its steps, evaluate, measure, export.
+
+    A language-model recipe (``model="gpt"``) runs :func:`workbench.recipe.lm.run_lm` and returns an
+    :class:`~workbench.recipe.lm.LMResult` (bits per character instead of accuracy).
 
     Args:
         recipe: the settings.
@@ -117,6 +121,11 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
     """
     if not isinstance(recipe, Recipe):
         raise WorkbenchError(f"run() needs a workbench Recipe, got {type(recipe).__name__}")
+    if _steps.is_language_model(recipe):
+        if data is not None or model is not None:
+            raise WorkbenchError("the GPT trains on its corpus (Recipe.dataset) from llm.TrainConfig settings; "
+                                 "run() takes no data= or model= for it")
+        return run_lm(recipe, cache=cache, use_cache=use_cache, progress=progress)
     ds = data if data is not None else _data.load(recipe.dataset, seed=recipe.seed)
     if model is None:
         net = models.build(recipe.model, input_shape=ds.input_shape, num_classes=ds.num_classes,
@@ -170,7 +179,7 @@ def run(recipe: Recipe, *, data: _data.Dataset | None = None, model: nn.Module |
         ctx, entry, key, model is None, history, records, train_seconds, dense_accuracy, teacher_accuracy))
 
 
-def sweep(recipes: Iterable[Recipe], *, progress: bool | None = None, **kwargs: Any) -> list[Result]:
+def sweep(recipes: Iterable[Recipe], *, progress: bool | None = None, **kwargs: Any) -> list[Result | LMResult]:
     """Run many recipes (each through the cache); results in the same order.
 
     Example:

@@ -56,6 +56,9 @@ class Recipe:
     prune_steps: int = 4
     prune_exclude: Any = ()
     finetune_epochs: int = 0
+    # Language models (model="gpt") prune without retraining: "magnitude" (per layer), "wanda" (|W| x input
+    # norm, per output row) or "sparsegpt" (OBS row reconstruction); prune_kind "2:4" keeps 2 of every 4.
+    prune_method: str = "magnitude"
     finetune_lr: float | None = None
     # Knowledge distillation (chapter 5): train this model (the student) on the soft targets of
     # `teacher`, a Recipe (or its dict) trained first on the same data; None trains on labels.
@@ -70,6 +73,12 @@ class Recipe:
     quant_granularity: str = "per-channel"
     calibration: str = "minmax"
     qat_epochs: int = 0
+    # Per-group scales: a scale per group_size consecutive inputs of each output channel (setting it
+    # implies quant_granularity "per-group"; 0 = 16 for a per-group classifier, per channel for the GPT).
+    # quant_method: "rtn" (round to nearest); for the GPT also "gptq", "awq" (weight-only) and
+    # "smoothquant" (with act_bits: W8A8 per tensor after SmoothQuant's scales).
+    group_size: int = 0
+    quant_method: str = "rtn"
     # Deep Compression (chapter 6): k-means weight sharing, 2**share_bits shared values per Linear
     # layer (2**share_bits_conv per Conv2d), share_epochs of centroid fine-tuning, Huffman coding.
     share_bits: int = 0
@@ -116,8 +125,11 @@ class Recipe:
 
     def quant_config(self) -> quant.QuantConfig:
         """The quantization settings as a :class:`workbench.quant.QuantConfig`."""
+        per_group = self.group_size > 0 or self.quant_granularity == "per-group"
         return quant.QuantConfig(weight_bits=self.weight_bits, act_bits=self.act_bits, symmetric=self.quant_symmetric,
-                                 granularity=self.quant_granularity, calibration=self.calibration)
+                                 granularity="per-group" if per_group else self.quant_granularity,
+                                 group_size=self.group_size or quant.QuantConfig.group_size,
+                                 calibration=self.calibration)
 
     def lr_schedule_for(self, steps_per_epoch: int) -> schedules.Schedule | None:
         """The training LR schedule for `steps_per_epoch` optimizer steps per epoch (None: constant LR)."""

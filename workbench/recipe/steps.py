@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import cluster, coding, fold, prune, quant, schedules
 from .. import data as _data
-from .. import models
+from .. import llm, models
 from .. import onnx as _onnx
 from .. import ort as _ort
 from ..errors import WorkbenchError
@@ -41,10 +41,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Step", "Context", "STEPS", "COMPRESSION_FIELDS", "MEASUREMENT_FIELDS", "check_table", "step", "fields_of",
            "PruneRecord", "ShareRecord", "FoldRecord", "QuantRecord", "OrtQuantRecord", "PRUNE_KINDS",
-           "PRUNE_SCOPES", "PRUNE_SCHEDULES", "ORT_QUANT_MODES", "SENSITIVITY_GRID", "CALIBRATION_IMAGES",
+           "PRUNE_SCOPES", "PRUNE_SCHEDULES", "PRUNE_METHODS", "QUANT_METHODS", "LANGUAGE_MODELS", "CORPORA",
+           "is_language_model", "lm_train_config", "ORT_QUANT_MODES", "SENSITIVITY_GRID", "CALIBRATION_IMAGES",
            "MAX_EPOCHS"]
 
-PRUNE_KINDS = ("unstructured", "structured")
+PRUNE_KINDS = ("unstructured", "structured", "2:4")
+PRUNE_METHODS = llm.PRUNE_METHODS
+QUANT_METHODS = ("rtn", "gptq", "awq", "smoothquant")
+# The language models and the corpora they train on (Recipe.model / Recipe.dataset); every other
+# model of the zoo is an image classifier on a dataset of workbench.data.
+LANGUAGE_MODELS = ("gpt",)
+CORPORA = llm.CORPORA
 PRUNE_SCOPES = ("global", "layer", "sensitivity")
 PRUNE_SCHEDULES = ("oneshot", "gradual")
 ORT_QUANT_MODES = ("none",) + _ort.MODES
@@ -55,7 +62,7 @@ CALIBRATION_IMAGES = 512
 MAX_EPOCHS = 1_000_000
 MAX_PRUNE_STEPS = 1000
 _INT_FIELDS = ("epochs", "batch_size", "seed", "threads", "latency_repeats", "prune_steps", "finetune_epochs",
-               "weight_bits", "act_bits", "qat_epochs", "share_bits", "share_bits_conv", "share_epochs")
+               "weight_bits", "act_bits", "qat_epochs", "share_bits", "share_bits_conv", "share_epochs", "group_size")
 
 
 @dataclass
@@ -183,15 +190,32 @@ def _one_of(r: "Recipe", name: str, allowed: Iterable[str]) -> None:
 
 # ---- training -------------------------------------------------------------------------------------
 
+def is_language_model(r: "Recipe") -> bool:
+    return r.model in LANGUAGE_MODELS
+
+
+def lm_train_config(r: "Recipe") -> llm.TrainConfig:
+    """The GPT's training settings: ``model_options`` are :class:`workbench.llm.TrainConfig` fields, seeded by Recipe.seed."""
+    known = [f.name for f in dataclasses.fields(llm.TrainConfig) if f.name != "seed"]
+    unknown = sorted(set(r.options) - set(known))
+    if unknown:
+        raise WorkbenchError(f"unknown GPT option(s) {', '.join(unknown)} in model_options; known: {', '.join(known)}")
+    return llm.TrainConfig(**r.options, seed=r.seed)
+
+
 def _validate_train(r: "Recipe") -> None:
-    if r.model.lower() not in models.MODELS:
-        raise WorkbenchError(f"unknown model {r.model!r}; known models: {', '.join(models.MODELS)}")
-    if r.dataset.lower().replace("_", "-") not in _data.DATASETS:
-        raise WorkbenchError(f"unknown dataset {r.dataset!r}; known datasets: {', '.join(_data.DATASETS)}")
     for name in _INT_FIELDS:
         value = getattr(r, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise WorkbenchError(f"Recipe.{name} must be an integer, got {value!r}")
+    if is_language_model(r):
+        _validate_lm(r)
+        return
+    if r.model.lower() not in models.MODELS:
+        raise WorkbenchError(f"unknown model {r.model!r}; known models: {', '.join((*models.MODELS, *LANGUAGE_MODELS))}")
+    if r.dataset.lower().replace("_", "-") not in _data.DATASETS:
+        raise WorkbenchError(f"unknown dataset {r.dataset!r}; known datasets: {', '.join(_data.DATASETS)} for the "
+                             f"image classifiers, {', '.join(CORPORA)} (text) for model='gpt'")
     _epochs(r, "epochs", " (0 measures the model untrained)")
     if r.batch_size < 1:
         raise WorkbenchError(f"Recipe.batch_size must be >= 1, got {r.batch_size}")
@@ -201,6 +225,44 @@ def _validate_train(r: "Recipe") -> None:
     _number(r, "weight_decay", low=0, hint=" (0 turns it off; 1e-4..0.1 typical)")
     if r.optimizer not in OPTIMIZERS:
         raise WorkbenchError(f"unknown optimizer {r.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+
+
+# What a language-model recipe may set: the GPT trains by steps with AdamW and a warmup + cosine schedule
+# set in model_options (llm.TrainConfig), and is compressed without retraining by the prune and quantize
+# steps; every other setting must stay at its default, so that nothing a user sets is silently ignored.
+_LM_FIXED = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "teacher", "lr_schedule", "lr_schedule_options",
+             "finetune_lr", "prune_scope", "prune_schedule", "prune_steps", "prune_exclude", "finetune_epochs",
+             "quant_granularity", "calibration", "qat_epochs", "share_bits", "share_epochs", "fold_bn", "ort_quant")
+
+
+def _validate_lm(r: "Recipe") -> None:
+    from .settings import Recipe
+
+    if r.dataset not in CORPORA:
+        raise WorkbenchError(f"model {r.model!r} is a language model: train it on a text corpus "
+                             f"(dataset one of {', '.join(CORPORA)}), got dataset {r.dataset!r}")
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    for name in _LM_FIXED:
+        if getattr(r, name) != defaults[name]:
+            raise WorkbenchError(f"Recipe.{name} does not apply to the GPT (it trains by steps with AdamW + warmup-"
+                                 f"cosine set in model_options, e.g. {{'steps': 300, 'lr': 3e-3}}, and is compressed "
+                                 f"without retraining): leave it at its default ({defaults[name]!r})")
+    cfg = lm_train_config(r)
+    widths = {"n_embd": cfg.n_embd, "mlp_ratio * n_embd": cfg.mlp_ratio * cfg.n_embd}
+    if isinstance(r.group_size, int) and r.group_size > 0:
+        bad = {k: v for k, v in widths.items() if v % r.group_size}
+        if bad:
+            raise WorkbenchError(f"Recipe.group_size {r.group_size} does not divide the GPT's layer input width(s) "
+                                 + ", ".join(f"{k} = {v}" for k, v in bad.items())
+                                 + f"; use a divisor of {math.gcd(*widths.values())} (e.g. 32, 64, 128)")
+    if r.prune_kind == "structured":
+        raise WorkbenchError("the GPT is pruned unstructured or 2:4 (prune_kind 'unstructured' or '2:4'), "
+                             "not by channels")
+    if r.quantized and r.act_bits and r.quant_method in ("gptq", "awq"):
+        raise WorkbenchError(f"quant_method {r.quant_method!r} is weight-only: set act_bits=0, or use 'rtn' or "
+                             "'smoothquant' for W8A8")
+    if r.quant_method == "smoothquant" and not r.act_bits:
+        raise WorkbenchError("quant_method 'smoothquant' quantizes activations too: set act_bits (e.g. 8)")
 
 
 def _validate_distill(r: "Recipe") -> None:
@@ -237,8 +299,14 @@ def _validate_prune(r: "Recipe") -> None:
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a < 1.0:
         raise WorkbenchError(f"Recipe.prune_amount must be a fraction in [0, 1) (0.8 = remove 80%), got {a!r}")
     for name, allowed in (("prune_kind", PRUNE_KINDS), ("prune_scope", PRUNE_SCOPES),
-                          ("prune_schedule", PRUNE_SCHEDULES)):
+                          ("prune_schedule", PRUNE_SCHEDULES), ("prune_method", PRUNE_METHODS)):
         _one_of(r, name, allowed)
+    if not is_language_model(r) and (r.prune_method != "magnitude" or r.prune_kind == "2:4"):
+        raise WorkbenchError("Wanda, SparseGPT and 2:4 pruning (prune_method, prune_kind '2:4') are the GPT's "
+                             "(model='gpt'); the image classifiers prune by magnitude, unstructured or structured")
+    if r.prune_kind == "2:4" and r.prune_amount != 0.5:
+        raise WorkbenchError(f"2:4 sparsity removes exactly half of the weights: set prune_amount=0.5, "
+                             f"got {r.prune_amount!r}")
     if r.prune_kind == "structured" and r.prune_schedule == "gradual":
         raise WorkbenchError("the gradual schedule is for unstructured pruning; structured pruning is one-shot")
     if r.prune_scope == "sensitivity" and r.prune_schedule == "gradual":
@@ -313,6 +381,17 @@ def _apply_fold(ctx: Context) -> FoldRecord:
 def _validate_quant(r: "Recipe") -> None:
     if r.weight_bits < 0 or r.act_bits < 0:
         raise WorkbenchError("Recipe.weight_bits and act_bits must be >= 0 (0 bits keeps floats)")
+    _one_of(r, "quant_method", QUANT_METHODS)
+    if r.group_size < 0:
+        raise WorkbenchError(f"Recipe.group_size must be >= 0 (0: no groups), got {r.group_size}")
+    if r.group_size and r.quant_granularity not in ("per-channel", "per-group"):
+        raise WorkbenchError(f"Recipe.group_size sets per-group scales; it contradicts quant_granularity "
+                             f"{r.quant_granularity!r}")
+    if not is_language_model(r) and r.quant_method != "rtn":
+        raise WorkbenchError(f"quant_method {r.quant_method!r} is for the GPT (model='gpt'); the image classifiers "
+                             "quantize by rounding to nearest ('rtn'), then optionally QAT")
+    if (r.group_size or r.quant_method != "rtn") and not r.quantized:
+        raise WorkbenchError("Recipe.group_size and quant_method configure quantization: set weight_bits too")
     _epochs(r, "qat_epochs")
     if r.quantized:
         if r.share_bits:
@@ -377,13 +456,13 @@ STEPS: tuple[Step, ...] = (
     # The fine-tuning rate that every compression step below shares; it matters only when one is on.
     Step("finetune", "compress", ("finetune_lr",), lambda r: r.compressed, _validate_tune),
     Step("prune", "compress", ("prune_amount", "prune_kind", "prune_scope", "prune_schedule", "prune_steps",
-                               "prune_exclude", "finetune_epochs"),
+                               "prune_exclude", "finetune_epochs", "prune_method"),
          lambda r: r.prune_amount > 0, _validate_prune, _apply_prune, PruneRecord),
     Step("share", "compress", ("share_bits", "share_bits_conv", "share_epochs"),
          lambda r: r.share_bits > 0, _validate_share, _apply_share, ShareRecord),
     Step("fold_bn", "compress", ("fold_bn",), lambda r: r.fold_bn is True, _validate_fold, _apply_fold, FoldRecord),
     Step("quantize", "compress", ("weight_bits", "act_bits", "quant_symmetric", "quant_granularity", "calibration",
-                                  "qat_epochs"),
+                                  "qat_epochs", "group_size", "quant_method"),
          lambda r: r.quantized, _validate_quant, _apply_quant, QuantRecord),
     Step("ort_quant", "compress", ("ort_quant",), lambda r: r.ort_quant != "none", _validate_ort_quant,
          _apply_ort_quant, OrtQuantRecord, phase="onnx"),
