@@ -236,12 +236,10 @@ _LM_FIXED = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "teacher
 
 
 def _validate_lm(r: "Recipe") -> None:
-    from .settings import Recipe
-
     if r.dataset not in CORPORA:
         raise WorkbenchError(f"model {r.model!r} is a language model: train it on a text corpus "
                              f"(dataset one of {', '.join(CORPORA)}), got dataset {r.dataset!r}")
-    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    defaults = {f.name: f.default for f in dataclasses.fields(r)}
     for name in _LM_FIXED:
         if getattr(r, name) != defaults[name]:
             raise WorkbenchError(f"Recipe.{name} does not apply to the GPT (it trains by steps with AdamW + warmup-"

@@ -1,9 +1,10 @@
 """ipywidgets explorers: thin controllers over the cached `recipe.run`, one module per chapter."""
 
 from .distill import DistillationExplorer
+from .llm import LLMExplorer
 from .lr import LRExplorer
 from .pruning import PruningExplorer
 from .quant import QuantizationExplorer
 from .tradeoff import TradeoffExplorer
 
-__all__ = ["DistillationExplorer", "LRExplorer", "PruningExplorer", "QuantizationExplorer", "TradeoffExplorer"]
+__all__ = ["DistillationExplorer", "LLMExplorer", "LRExplorer", "PruningExplorer", "QuantizationExplorer", "TradeoffExplorer"]
