@@ -350,9 +350,9 @@ class ModelServer:
 class _MetricsMiddleware:
     """Counts every response by route and status and times it (pure ASGI: cheaper than BaseHTTPMiddleware)."""
 
-    def __init__(self, app: Any, metrics: _Metrics) -> None:
+    def __init__(self, app: Any, metrics: _Metrics, extra_routes: tuple[str, ...] = ()) -> None:
         self.app, self.metrics = app, metrics
-        self.known = set(ROUTES.values())
+        self.known = set(ROUTES.values()) | set(extra_routes)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -436,8 +436,31 @@ class _BodyTimeoutMiddleware:
             await send({"type": "http.response.body", "body": body})
 
 
+def key_guard(api_key: str | None) -> list[Any]:
+    """The route dependencies that require `api_key` (none without one).
+
+    The key is checked by a dependency, so that the schema declares it (securitySchemes) on the routes
+    that need it; it is accepted in the X-API-Key header or as a bearer token, compared in constant time.
+    """
+    if not api_key:
+        return []
+    from fastapi import Depends, HTTPException, Security
+    from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="this server's API key")
+    bearer = HTTPBearer(auto_error=False, description="the API key as a bearer token")
+
+    async def require_key(key: str | None = Security(key_header),
+                          token: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        given = key if key is not None else (token.credentials if token is not None else None)
+        if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send it in the X-API-Key header")
+
+    return [Depends(require_key)]
+
+
 def create_app(source: ModelSource | str | os.PathLike, settings: ServeSettings | None = None, *,
-               registry: Any = None) -> Any:
+               registry: Any = None, generator: Any = None) -> Any:
     """Build the FastAPI app; the model is loaded now (an error here means there is nothing to serve).
 
     Args:
@@ -445,14 +468,15 @@ def create_app(source: ModelSource | str | os.PathLike, settings: ServeSettings 
             or the path of an ``.onnx`` file.
         settings: batching, limits, API key, polling, body timeout.
         registry: the :class:`~workbench.serve.registry.Registry` to resolve a reference in (default one).
+        generator: a :class:`~workbench.serve.generate.GenerationEngine` (a GPT): adds ``POST /generate``,
+            behind the same API key, its metrics in the same registry, started and stopped with the app.
 
     Example:
         >>> app = create_app("digits-mlp@champion", ServeSettings(max_batch=32))
         >>> run_server(app, host="127.0.0.1", port=8000)
     """
-    from fastapi import Depends, FastAPI, HTTPException, Security
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
-    from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     settings = settings or ServeSettings()
@@ -460,13 +484,19 @@ def create_app(source: ModelSource | str | os.PathLike, settings: ServeSettings 
         text = str(source)
         source = FileSource(text) if text.endswith(".onnx") else RegistrySource(text, registry=registry)
     server = ModelServer(source, settings)
+    if generator is not None:
+        generator.use_registry(server.metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
         await server.start()
+        if generator is not None:
+            await generator.start()
         try:
             yield
         finally:
+            if generator is not None:
+                await generator.stop()
             await server.stop()
 
     app = FastAPI(title="workbench model server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -475,17 +505,7 @@ def create_app(source: ModelSource | str | os.PathLike, settings: ServeSettings 
     def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
-    # The key is checked by a dependency, so that the schema declares it (securitySchemes) on the routes that need it.
-    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="this server's API key")
-    bearer = HTTPBearer(auto_error=False, description="the API key as a bearer token")
-
-    async def require_key(key: str | None = Security(key_header),
-                          token: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
-        given = key if key is not None else (token.credentials if token is not None else None)
-        if given is None or not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key: send it in the X-API-Key header")
-
-    guarded = [Depends(require_key)] if settings.api_key else []
+    guarded = key_guard(settings.api_key)
     auth = (401,) if settings.api_key else ()
 
     async def read_body(request: Request) -> bytes:
@@ -564,8 +584,12 @@ def create_app(source: ModelSource | str | os.PathLike, settings: ServeSettings 
         return app.openapi_schema
 
     app.openapi = openapi
+    extra_routes: tuple[str, ...] = ()
+    if generator is not None:  # POST /generate beside /predict (a method: generate.py imports this module)
+        extra_routes = (generator.mount(app, dependencies=guarded, auth=bool(settings.api_key)),)
     app.add_middleware(_BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
-    app.add_middleware(_MetricsMiddleware, metrics=server.metrics)  # added last: outermost, sees the 408s too
+    app.add_middleware(_MetricsMiddleware, metrics=server.metrics,  # added last: outermost, sees the 408s too
+                       extra_routes=extra_routes)
     return app
 
 
