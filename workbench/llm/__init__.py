@@ -1,7 +1,8 @@
 """Large models: a small GPT trained offline on ``pydoc_data.topics``, its weights compressed
 as large language models' are (per-group RTN, GPTQ, AWQ, SmoothQuant W8A8, magnitude/Wanda/SparseGPT
 pruning, 2:4), measured in validation bits per character; and generating with it (a KV cache, speculative
-decoding: :mod:`workbench.llm.decode`).
+decoding: :mod:`workbench.llm.decode`; in ONNX Runtime with past key/values and MatMulNBits int4:
+:mod:`workbench.llm.onnx_gpt`).
 
 Example:
     >>> from workbench import llm
@@ -20,6 +21,8 @@ from .corpus import CORPORA, CharTokenizer, Corpus, load_corpus, unigram_entropy
 from .decode import (SpeculativeResult, expected_tokens_per_call, generate_tokens, kv_cache_bytes,
                      speculative_generate, tokens_per_second, verify)
 from .gpt import GPT, GPTConfig, KVCache, generate
+from . import onnx_gpt
+from .onnx_gpt import OrtGPT, evaluate_bpc_ort, export_gpt, generate_tokens_ort, quantize_int4
 from .smooth import ChannelStats, activation_stats, smoothquant, smoothquant_scale, w8a8
 from .sparsify import METHODS as PRUNE_METHODS
 from .sparsify import magnitude_scores, nm_mask, row_mask, sparsegpt, sparsify, wanda_scores
@@ -31,7 +34,8 @@ __all__ = [
     "CORPORA", "CharTokenizer", "Corpus", "load_corpus", "unigram_entropy", "checkpoint",
     "GPT", "GPTConfig", "KVCache", "generate",
     "generate_tokens", "kv_cache_bytes", "tokens_per_second", "speculative_generate", "SpeculativeResult", "verify",
-    "expected_tokens_per_call",
+    "expected_tokens_per_call", "onnx_gpt", "OrtGPT", "export_gpt", "generate_tokens_ort", "evaluate_bpc_ort",
+    "quantize_int4",
     "TrainConfig", "Trained", "BPC", "train", "evaluate_bpc", "pretrained",
     "InputStats", "block_linears", "calibration_ids", "collect_inputs", "fold_scale", "with_outlier_channels",
     "WeightQuant", "PackedWeight", "rtn", "gptq", "pack", "pack_bits", "unpack_bits", "quantize_weights", "memory",

@@ -32,7 +32,7 @@ from ..train import show_progress
 from .corpus import CharTokenizer, Corpus, load_corpus
 from .gpt import GPT, GPTConfig
 
-__all__ = ["TrainConfig", "Trained", "train", "evaluate_bpc", "BPC", "pretrained", "cache_key",
+__all__ = ["TrainConfig", "Trained", "train", "evaluate_bpc", "eval_windows", "BPC", "pretrained", "cache_key",
            "LLM_VERSION"]
 
 LLM_VERSION = "1"  # bump when training or evaluation code changes what a cached model is
@@ -113,6 +113,16 @@ def _windows(ids: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Te
     return x, y
 
 
+def eval_windows(ids: torch.Tensor, block: int, max_chars: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (input, target) windows every evaluation of bits per character uses: the first `max_chars`
+    predicted characters (all by default) of `ids` in non-overlapping windows of the context length."""
+    if max_chars is not None:
+        ids = ids[:max_chars + 1]
+    if len(ids) < block + 1:
+        raise WorkbenchError(f"need at least {block + 1} characters to evaluate a context of {block}, got {len(ids)}")
+    return _windows(ids, block)
+
+
 @torch.no_grad()
 def evaluate_bpc(model: GPT, ids: torch.Tensor, *, batch_size: int = 64, max_chars: int | None = None) -> BPC:
     """Bits per character of `model` on `ids` (the validation text), non-overlapping windows of the
@@ -121,12 +131,7 @@ def evaluate_bpc(model: GPT, ids: torch.Tensor, *, batch_size: int = 64, max_cha
     Example:
         >>> evaluate_bpc(trained.model, trained.corpus.ids("val")).bits_per_char
     """
-    block = model.config.block_size
-    if max_chars is not None:
-        ids = ids[:max_chars + 1]
-    if len(ids) < block + 1:
-        raise WorkbenchError(f"need at least {block + 1} characters to evaluate a context of {block}, got {len(ids)}")
-    x, y = _windows(ids, block)
+    x, y = eval_windows(ids, model.config.block_size, max_chars)
     was_training = model.training
     model.eval()
     total = 0.0
