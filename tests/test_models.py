@@ -6,7 +6,8 @@ from torch import nn
 
 from workbench import WorkbenchError, models
 
-SHAPES = {"mlp": (1, 8, 8), "lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "cnn": (1, 8, 8), "vit": (1, 8, 8)}
+SHAPES = {"mlp": (1, 8, 8), "lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "cnn": (1, 8, 8), "cnn1d": (1, 1, 40),
+          "vit": (1, 8, 8)}
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))
@@ -57,7 +58,7 @@ def test_same_seed_same_weights_and_global_rng_untouched():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(name="resnet"), "unknown model 'resnet'; known models: mlp, lenet300, lenet5, cnn, vit"),
+        (dict(name="resnet"), "unknown model 'resnet'; known models: mlp, lenet300, lenet5, cnn, cnn1d, vit"),
         (dict(name="lenet5", input_shape=(1, 8, 8)), "at least 16x16"),
         (dict(name="cnn", batchnorn=False), "unknown option.*batchnorn.*allowed: batchnorm"),
         (dict(name="lenet300", dropout=0.1), "allowed: hidden"),
@@ -113,7 +114,8 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
 @pytest.mark.parametrize(
     ("name", "shape", "options"),
     [("mlp", (1, 8, 8), {"hidden": (40, 20)}), ("lenet300", (1, 28, 28), {"hidden": (150, 50)}),
-     ("lenet5", (1, 28, 28), {"channels": (10, 25), "hidden": 250}), ("cnn", (1, 8, 8), {"channels": (16, 32), "hidden": 64})],
+     ("lenet5", (1, 28, 28), {"channels": (10, 25), "hidden": 250}), ("cnn", (1, 8, 8), {"channels": (16, 32), "hidden": 64}),
+     ("cnn1d", (1, 1, 40), {"channels": (8, 16), "hidden": 24}), ("mlp", (1, 1, 40), {"hidden": ()})],
 )
 def test_width_options_rebuild_the_same_shapes(name, shape, options):
     model = models.build(name, input_shape=shape, num_classes=10, **options)
@@ -127,6 +129,8 @@ def test_width_options_rebuild_the_same_shapes(name, shape, options):
     [("mlp", (1, 8, 8), {}), ("mlp", (3, 32, 32), {"hidden": (40, 20, 10), "dropout": 0.1}),
      ("lenet300", (1, 28, 28), {}), ("lenet5", (1, 28, 28), {}), ("lenet5", (3, 32, 32), {"channels": (6, 16)}),
      ("cnn", (1, 8, 8), {}), ("cnn", (3, 32, 32), {"batchnorm": False, "channels": (8, 16, 32), "hidden": 20}),
+     ("cnn1d", (1, 1, 40), {}), ("cnn1d", (2, 1, 37), {"channels": (4, 8), "kernel_size": 3, "hidden": 10}),
+     ("cnn1d", (1, 8, 8), {}), ("mlp", (1, 1, 40), {"hidden": ()}),
      ("vit", (1, 8, 8), {}),
      ("vit", (3, 32, 32), {"patch_size": 8, "dim": 48, "depth": 3, "heads": 6, "mlp_ratio": 3})],
 )
@@ -157,6 +161,10 @@ def test_build_refuses_huge_models_before_allocating(name, options, asked):
      ("cnn", {"batchnorm": "maybe"}, "batchnorm must be true or false"),
      ("cnn", {"hidden": 0}, "hidden must be a positive integer"),
      ("lenet5", {"channels": (1, 2, 3)}, "channels must be a list of 2 positive integers"),
+     ("lenet300", {"hidden": ()}, "hidden must be a list of positive integers"),
+     ("cnn1d", {"channels": ()}, "channels must be a list of positive integers"),
+     ("cnn1d", {"kernel_size": 4}, "kernel_size must be odd"),
+     ("cnn1d", {"channels": (8, 8, 8, 8, 8, 8)}, "length at least 64"),
      ("vit", {"depth": -1}, "depth must be a positive integer"),
      ("vit", {"patch_size": "4"}, "patch_size must be a positive integer")],
 )
@@ -184,3 +192,28 @@ def test_load_checkpoint_names_what_is_missing_or_wrong(tmp_path):
         models.load_checkpoint(tmp_path)
     with pytest.raises(WorkbenchError, match="empty"):
         models.load_checkpoint("")
+
+
+def test_cnn1d_is_a_small_row_convolution_network():
+    model = models.build("cnn1d", input_shape=(1, 1, 40), num_classes=10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 and all(m.kernel_size == (1, 5) and m.padding == (0, 2) for m in convs)
+    n = sum(p.numel() for p in model.parameters())
+    hand = (1 * 32 * 5 + 32) + 2 * (32 * 32 * 5 + 32) + (32 * 5 * 64 + 64) + (64 * 10 + 10)
+    assert n == hand == 21_450 and n < 25_000
+    # Each output depends on a window of the signal only (a convolution): changing the last samples
+    # leaves the first block's first outputs unchanged.
+    x = torch.randn(2, 1, 1, 40)
+    y = x.clone()
+    y[..., 30:] += 1.0
+    with torch.no_grad():
+        assert torch.equal(model.features[0](x)[..., :20], model.features[0](y)[..., :20])
+
+
+def test_mlp_without_hidden_layers_is_logistic_regression():
+    model = models.build("mlp", input_shape=(1, 1, 40), num_classes=10, hidden=[])
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 1 and linears[0].in_features == 40 and not any(isinstance(m, nn.ReLU) for m in model.modules())
+    x = torch.randn(3, 1, 1, 40)
+    with torch.no_grad():
+        assert torch.allclose(model(x), x.flatten(1) @ linears[0].weight.T + linears[0].bias)

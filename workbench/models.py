@@ -1,4 +1,4 @@
-"""Model zoo: mlp, lenet300 (LeNet-300-100), lenet5 (Caffe LeNet), cnn (with/without BN), vit; checkpoints."""
+"""Model zoo: mlp, lenet300 (LeNet-300-100), lenet5 (Caffe LeNet), cnn (with/without BN), cnn1d, vit; checkpoints."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ __all__ = [
     "MLP",
     "LeNet5",
     "CNN",
+    "CNN1D",
     "Attention",
     "ViT",
     "MAX_PARAMS",
@@ -99,6 +100,34 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class CNN1D(nn.Module):
+    """A 1-D CNN for signals such as MNIST-1D: conv blocks (kernel 1xk, ReLU, 1x2 max-pool), two Linear layers.
+
+    The convolutions are ``nn.Conv2d`` with kernels of height 1 on inputs ``(C, 1, L)`` rather than
+    ``nn.Conv1d`` on ``(C, L)``: the same arithmetic, in the layer type that pruning, quantization,
+    weight sharing, MAC counting and the ONNX tooling of the workbench handle, and in the
+    ``(C, H, W)`` shape every dataset has. Given images (H > 1) it convolves each row on its own.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, spatial: tuple[int, int],
+                 channels: tuple[int, ...] = (32, 32, 32), kernel_size: int = 5, hidden: int = 64):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c_in = in_channels
+        for c in channels:
+            blocks += [nn.Conv2d(c_in, c, (1, kernel_size), padding=(0, kernel_size // 2)), nn.ReLU(),
+                       nn.MaxPool2d((1, 2))]
+            c_in = c
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c_in * spatial[0] * (spatial[1] // 2 ** len(channels)), hidden), nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention written out with matmuls, so MACs and quantization see every product."""
 
@@ -171,6 +200,11 @@ def _cnn(c: int, h: int, w: int, num_classes: int, batchnorm: bool = True,
     return CNN(c, num_classes, (h, w), channels, hidden, batchnorm)
 
 
+def _cnn1d(c: int, h: int, w: int, num_classes: int, channels: tuple[int, ...] = (32, 32, 32),
+           kernel_size: int = 5, hidden: int = 64):
+    return CNN1D(c, num_classes, (h, w), channels, kernel_size, hidden)
+
+
 def _vit(c: int, h: int, w: int, num_classes: int, patch_size: int | None = None,
          dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 2):
     return ViT(c, num_classes, (h, w), _vit_patch(h, w, patch_size), dim, depth, heads, mlp_ratio)
@@ -181,6 +215,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": _lenet300,
     "lenet5": _lenet5,
     "cnn": _cnn,
+    "cnn1d": _cnn1d,
     "vit": _vit,
 }
 # The largest model `build` makes (and a checkpoint may ask for): 100M float32 parameters are 400 MB,
@@ -244,6 +279,21 @@ def _cnn_params(c: int, h: int, w: int, num_classes: int, batchnorm: bool, chann
     return total + _linear(c_in * (h // side) * (w // side), hidden) + _linear(hidden, num_classes)
 
 
+def _cnn1d_params(c: int, h: int, w: int, num_classes: int, channels: tuple[int, ...], kernel_size: int,
+                  hidden: int) -> int:
+    if kernel_size % 2 == 0:
+        raise WorkbenchError(f"cnn1d kernel_size must be odd (so 'same' padding keeps the length), got {kernel_size}")
+    side = 2 ** len(channels)
+    if w < side:
+        raise WorkbenchError(f"cnn1d with {len(channels)} conv blocks needs signals of length at least {side} "
+                             f"({len(channels)} pools by 2); got {w}")
+    total, c_in = 0, c
+    for c_out in channels:
+        total += c_in * c_out * kernel_size + c_out
+        c_in = c_out
+    return total + _linear(c_in * h * (w // side), hidden) + _linear(hidden, num_classes)
+
+
 def _vit_params(c: int, h: int, w: int, num_classes: int, patch_size: int | None, dim: int, depth: int,
                 heads: int, mlp_ratio: int) -> int:
     patch = _vit_patch(h, w, patch_size)
@@ -260,6 +310,7 @@ _PARAM_COUNTS: dict[str, Callable[..., int]] = {
     "lenet300": _lenet300_params,
     "lenet5": _lenet5_params,
     "cnn": _cnn_params,
+    "cnn1d": _cnn1d_params,
     "vit": _vit_params,
 }
 
@@ -284,7 +335,10 @@ def _checked_options(key: str, options: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(value, bool):
                 raise WorkbenchError(f"{key} option {name} must be true or false, got {value!r}")
         elif isinstance(default, tuple):
-            if not isinstance(value, (list, tuple)) or not value or not all(_positive_int(v) for v in value):
+            # mlp's hidden may be empty: no hidden layer is a linear model (logistic regression).
+            empty_ok = (key, name) == ("mlp", "hidden")
+            if (not isinstance(value, (list, tuple)) or (not value and not empty_ok)
+                    or not all(_positive_int(v) for v in value)):
                 raise WorkbenchError(f"{key} option {name} must be a list of positive integers such as "
                                      f"{list(default)}, got {value!r}")
             value = tuple(int(v) for v in value)
@@ -352,7 +406,7 @@ def width_options(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, MLP):
         linears = [m for m in model.net if isinstance(m, nn.Linear)]
         return {"hidden": tuple(m.out_features for m in linears[:-1])}
-    if isinstance(model, (CNN, LeNet5)):
+    if isinstance(model, (CNN, LeNet5, CNN1D)):
         convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
         return {"channels": tuple(m.out_channels for m in convs), "hidden": model.classifier[1].out_features}
     return {}
@@ -363,12 +417,13 @@ def build(name: str, *, input_shape: tuple[int, int, int], num_classes: int, see
     """Build a model of the zoo for images of `input_shape` (C, H, W) and `num_classes` classes.
 
     Args:
-        name: one of ``MODELS`` (mlp, lenet300, lenet5, cnn, vit).
+        name: one of ``MODELS`` (mlp, lenet300, lenet5, cnn, cnn1d, vit).
         input_shape: (channels, height, width) of one image, e.g. ``dataset.input_shape``.
         num_classes: number of output logits, e.g. ``dataset.num_classes``.
         seed: seeds the weight initialization, so the same call gives the same weights.
-        **options: model-specific settings (mlp: hidden, dropout; lenet300: hidden; lenet5: channels,
-            hidden; cnn: batchnorm, channels, hidden; vit: patch_size, dim, depth, heads, mlp_ratio).
+        **options: model-specific settings (mlp: hidden (``[]``: a linear model), dropout; lenet300: hidden;
+            lenet5: channels, hidden; cnn: batchnorm, channels, hidden; cnn1d: channels, kernel_size,
+            hidden; vit: patch_size, dim, depth, heads, mlp_ratio).
 
     Returns:
         The model in eval mode.
