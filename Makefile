@@ -54,8 +54,9 @@ $(ORT_STATIC)/.stamp: $(NPM_STAMP)
 	cp $(addprefix $(ORT_DIST)/,$(ORT_FILES)) $(ORT_STATIC)/
 	@touch $@
 
-# Chapter 12's GPT (about 3 minutes on 2 cores, then cached) and every compressed version that the
-# chapter and its explorer show are computed once, into the same cache, by the bench's llm group,
+# Chapter 12's GPT (about 3 minutes on 2 cores, then cached), every compressed version that the
+# chapter and its explorer show, and chapter 13's draft model (about a minute) are computed once,
+# into the same cache, by the bench's llm group,
 # which also checks their bars: the notebook then answers from the cache within its 90 s.
 llm-cache: $(STAMP)
 	$(BOOK_ENV) $(BIN)/workbench bench --only llm --check --json _build/bench-llm.json

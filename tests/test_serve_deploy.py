@@ -200,3 +200,23 @@ def test_monitor_config_points_prometheus_at_one_server():
     cfg = yaml.safe_load(Prometheus("http://127.0.0.1:8123", interval=0.5).config_text())
     assert cfg["scrape_configs"][0]["static_configs"] == [{"targets": ["127.0.0.1:8123"]}]
     assert cfg["global"]["scrape_interval"] == "500ms" and Path(cfg["rule_files"][0]).is_file()
+
+
+def _tiny_gpt(path):
+    from workbench import llm
+
+    tok = llm.CharTokenizer("abc ")
+    model = llm.GPT(llm.GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    return llm.checkpoint.save(path, model, tok)
+
+
+def test_serve_a_gpt_alone_or_beside_a_model(served, capsys, tmp_path):
+    gpt = str(_tiny_gpt(tmp_path / "gpt.pt"))
+    assert cli.main(["serve", "--gpt", gpt]) == 0
+    assert cli.main(["serve", "--gpt", gpt, "--model", str(_tiny_onnx(tmp_path / "m.onnx"))]) == 0
+    assert len(served) == 2 and "/generate" in served[0]["banner"] and "/predict /generate" in served[1]["banner"]
+    assert cli.main(["serve"]) == 2
+    assert "nothing to serve" in capsys.readouterr().err
+    assert cli.main(["serve", "--gpt", str(_tiny_onnx(tmp_path / "x.onnx"))]) == 2
+    err = capsys.readouterr().err
+    assert "not a GPT checkpoint" in err and err.count("\n") == 1

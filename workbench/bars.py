@@ -165,6 +165,15 @@ BARS: dict[str, Bar] = _bars(
     Bar("llm_outlier_fp_shift_bpc", "<=", "1e-4", why="an exact reparametrization; float32 rounding only"),
     Bar("llm_outlier_wanda_shift_bpc", "<=", "1e-3", why="Wanda's score is invariant to the rescaling"),
     Bar("llm_outlier_wanda_over_magnitude_50", "<", "1", why="measured 0.35: magnitude is fooled by outlier channels"),
+    # Chapter 13 (generating: `workbench bench --only llm-serve`; speeds as ratios measured side by side).
+    Bar("llm_kv_cache_speedup_256", ">=", "3", why="measured 4.7 (random GPT 4 x 128, context 512, 256 new tokens)"),
+    Bar("llm_kv_cache_bytes_error", "<=", "0", why="2 x layers x heads x head_dim x tokens x batch x 4 bytes"),
+    Bar("llm_speculative_greedy_exact", ">=", "1", why="greedy speculative decoding is the target's greedy output"),
+    Bar("llm_ort_parity_max_abs_err", "<=", "1e-4", why="float32 reassociation on O(10) logits; measured 5.6e-6"),
+    Bar("llm_ort_int4_size_ratio", ">=", "5", why="4-bit codes + a float32 scale per 32 weights: 32/5 = 6.4"),
+    Bar("llm_ort_int4_over_fp32_tokens_per_s", ">=", "1.3", why="width 1024, memory-bound; measured 2.7-3.0"),
+    Bar("llm_serve_batched_over_sequential_tokens_per_s", ">=", "2", why="16 clients; measured 2.4-6.0"),
+    Bar("llm_serve_errors", "<=", "0"),
 )
 
 

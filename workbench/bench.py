@@ -23,8 +23,8 @@ from .errors import WorkbenchError
 from .ort import cpu_flags
 from .data import load
 from .quant import packed_bytes as quant_packed_bytes
-from .presets import (BASELINES, DEEP_COMPRESSION, KD_SEEDS, LLM_BASE, LLM_BITS, LLM_GROUPS, LLM_PRUNE_KINDS,
-                      LLM_PRUNE_METHODS, LLM_QUANT_METHODS, LLM_W8A8, MARGIN_SEEDS, PRUNE_STRUCTURED,
+from .presets import (BASELINES, DEEP_COMPRESSION, KD_SEEDS, LLM_BASE, LLM_BITS, LLM_DRAFT, LLM_GROUPS,
+                      LLM_PRUNE_KINDS, LLM_PRUNE_METHODS, LLM_QUANT_METHODS, LLM_W8A8, MARGIN_SEEDS, PRUNE_STRUCTURED,
                       PRUNE_UNSTRUCTURED, QUANT_BASE, QUANT_RUNS, distillation_runs, llm_prune, llm_quant)
 from .recipe import Result, run, sweep
 from .recipe.steps import lm_train_config
@@ -234,6 +234,13 @@ def deploy(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[l
     return out["rows"], out["figures"]
 
 
+def llm_serve(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, Any]]:
+    """Chapter 13: the KV cache, speculative decoding, the GPT in ONNX Runtime (fp32, int4) and /generate."""
+    from .bench_llm import llm_serve_figures
+
+    return llm_serve_figures(cache=cache, progress=progress)
+
+
 def serving(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, float]]:
     """Chapter 10: batched vs unbatched throughput, p99 at a fixed rate, failed requests across a hot swap."""
     from .serve.bench import serving as _serving
@@ -297,14 +304,47 @@ def llm(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list
         figures[f"llm_outlier_{method}_50_delta_bpc"] = _llm.evaluate_bpc(pruned, val).bits_per_char - outlier_bpc
     figures["llm_outlier_wanda_over_magnitude_50"] = (figures["llm_outlier_wanda_50_delta_bpc"]
                                                       / figures["llm_outlier_magnitude_50_delta_bpc"])
+    # Chapter 13's draft model for speculative decoding, trained (and cached) here with the rest of the models.
+    figures["llm_draft_val_bpc"] = _llm.pretrained(LLM_DRAFT, cache=cache, progress=progress).meta["val_bpc"]
     figures["llm_outlier_wanda_shift_bpc"] = abs(figures["llm_outlier_wanda_50_delta_bpc"]
                                                  - figures["llm_50_wanda_delta_bpc"])
     return rows, figures
 
 
+def hard(*, cache: str | os.PathLike | None, progress: bool | None) -> tuple[list[dict], dict[str, Any]]:
+    """Issue 15's harder embedded task (MNIST-1D): baselines that differ by tens of points, int4 PTQ vs QAT,
+    distillation (mean over HARD_SEEDS) and gradual vs one-shot pruning at 95%, all on the 1-D CNN."""
+    from .presets import (HARD_BASELINES, HARD_KD_STUDENT, HARD_KD_TEACHER, HARD_PRUNE_GRADUAL, HARD_PRUNE_ONESHOT,
+                          HARD_QUANT_BASE, HARD_QUANT_RUNS, HARD_SEEDS)
+
+    base = {name: run(r, cache=cache, progress=progress) for name, r in HARD_BASELINES.items()}
+    figures: dict[str, Any] = {f"hard_baseline_acc_{name}": bars.accuracy(r) for name, r in base.items()}
+    rows = [{"name": f"hard_{name}", **r.summary()} for name, r in base.items()]
+    fp32 = run(HARD_QUANT_BASE, cache=cache, progress=progress)
+    for name, kw in HARD_QUANT_RUNS.items():
+        r = run(HARD_QUANT_BASE.replace(**kw), cache=cache, progress=progress)
+        figures[f"{name}_acc_drop_pp_hard"] = _drop_pp(fp32, r)
+        rows.append({"name": f"hard_cnn_{name}", **r.summary(), "acc_drop_pp": _drop_pp(fp32, r)})
+    per_seed = {seed: distillation_runs(seed, teacher=HARD_KD_TEACHER, student=HARD_KD_STUDENT, cache=cache,
+                                        progress=progress) for seed in HARD_SEEDS}
+    mean = {k: sum(bars.accuracy(runs[k]) for runs in per_seed.values()) / len(per_seed)
+            for k in ("teacher", "alone", "distilled")}
+    figures["kd_gain_pp_hard"] = 100 * (mean["distilled"] - mean["alone"])
+    figures["kd_student_alone_acc_hard"], figures["kd_student_distilled_acc_hard"] = mean["alone"], mean["distilled"]
+    rows += [{"name": f"hard_kd_{kind}_seed{seed}", **r.summary()}
+             for seed, runs in per_seed.items() for kind, r in runs.items()]
+    oneshot = run(HARD_PRUNE_ONESHOT, cache=cache, progress=progress)
+    gradual = run(HARD_PRUNE_GRADUAL, cache=cache, progress=progress)
+    # Positive: gradual pruning keeps more accuracy than one-shot at the same sparsity and fine-tuning.
+    figures["prune_gradual_vs_oneshot_pp_hard"] = _drop_pp(oneshot, gradual)
+    rows += [{"name": "hard_cnn_oneshot_95", **oneshot.summary(), "acc_drop_pp": _drop_pp(fp32, oneshot)},
+             {"name": "hard_cnn_gradual_95", **gradual.summary(), "acc_drop_pp": _drop_pp(fp32, gradual)}]
+    return rows, figures
+
+
 GROUPS: dict[str, Callable[..., tuple[list[dict], dict[str, Any]]]] = {
     "baseline": baseline, "pruning": pruning, "quant": quant, "deploy": deploy, "distributed": distributed,
-    "serving": serving, "llm": llm, "margins": seed_margins}
+    "serving": serving, "llm": llm, "llm-serve": llm_serve, "hard": hard, "margins": seed_margins}
 
 
 def run_bench(only: list[str] | None = None, *, cache: str | os.PathLike | None = None,
@@ -349,3 +389,4 @@ def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     tmp.write_text(json.dumps(report, indent=2, sort_keys=False))
     os.replace(tmp, path)
     return path
+

@@ -18,7 +18,7 @@ import torch
 from . import bars, fold
 from . import onnx as wonnx
 from .data import load
-from .measure import side_by_side
+from .measure import side_by_side, torch_threads
 from .presets import DEPLOY_MODELS
 from .recipe import Result, run
 
@@ -52,13 +52,9 @@ def runtime_latencies(results: dict[str, Result], model: torch.nn.Module, x: tor
     fns[RUNTIMES[0]] = eager
     for name, sess in sessions.items():
         fns[name] = lambda s=sess: s.run(None, {"input": arr})
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         reps = repeats or (100 if len(x) == 1 else 15)
         return side_by_side(fns, rounds=rounds, repeats=reps, warmup=5, threads=1, batch_size=len(x))
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _bn_fold(results: dict[str, Result], x: torch.Tensor) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -67,14 +63,9 @@ def _bn_fold(results: dict[str, Result], x: torch.Tensor) -> tuple[dict[str, flo
     data = load(results["fp32"].recipe.dataset, seed=results["fp32"].recipe.seed)
     with torch.inference_mode():
         err = float((folded(data.X_test) - model(data.X_test)).abs().max())
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            stats = side_by_side({"with BN": lambda: model(x), "folded": lambda: folded(x)}, rounds=5, repeats=20,
-                                 threads=1, batch_size=len(x))
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(1), torch.inference_mode():
+        stats = side_by_side({"with BN": lambda: model(x), "folded": lambda: folded(x)}, rounds=5, repeats=20,
+                             threads=1, batch_size=len(x))
     figures = {"bn_fold_max_abs_err": err, "bn_fold_speedup": stats["with BN"].p50_us / stats["folded"].p50_us}
     rows = [{"name": f"cnn_bn_{k.replace(' ', '_')}", "model": "cnn", "batch": len(x), "runtime": f"torch eager ({k})",
              "p50_us": s.p50_us, "bn_layers": len(fold.batchnorm_layers(model if k == "with BN" else folded))}

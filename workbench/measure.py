@@ -5,12 +5,13 @@ Sparse storage formats (CSR, bitmask, relative indices) are in :mod:`workbench.s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import WorkbenchError
 
 __all__ = [
+    "torch_threads",
     "count_params",
     "count_nonzero",
     "MacsReport",
@@ -177,6 +179,21 @@ def _stats(t: np.ndarray, *, warmup: int, threads: int, batch_size: int) -> Late
     )
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """PyTorch's intra-op threads set to `n` inside the block, and put back afterwards (whatever happens).
+
+    Example:
+        >>> with torch_threads(1): model(x)
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def torch_latency(model: nn.Module, x: torch.Tensor, *, threads: int = 1, warmup: int = 10,
                   repeats: int = 100) -> LatencyStats:
     """Latency of eager PyTorch inference (eval mode, no autograd) on batch `x`, with `threads` threads.
@@ -186,15 +203,12 @@ def torch_latency(model: nn.Module, x: torch.Tensor, *, threads: int = 1, warmup
     """
     if threads < 1:
         raise WorkbenchError(f"threads must be >= 1, got {threads}")
-    previous = torch.get_num_threads()
     was_training = model.training
     model.eval()
-    torch.set_num_threads(threads)
     try:
-        with torch.inference_mode():
+        with torch_threads(threads), torch.inference_mode():
             return latency(lambda: model(x), warmup=warmup, repeats=repeats, threads=threads, batch_size=len(x))
     finally:
-        torch.set_num_threads(previous)
         model.train(was_training)
 
 

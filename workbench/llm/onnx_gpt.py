@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import WorkbenchError
+from ..measure import torch_threads
 from ..onnx import OPSET, _quiet_exporter, check, load_onnx, session
 from .calib import block_linears
 from .decode import _check_prompt, _check_sampling, generate_tokens
@@ -574,16 +575,6 @@ def dequantize_int4(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # Decoding speed
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def decode_speed(model: GPT, ids: torch.Tensor, new_tokens: int = 64, *,
                  fp32: OrtGPT | str | os.PathLike | None = None, int4: OrtGPT | str | os.PathLike | None = None,
                  repeats: int = 5, threads: int = 1,
@@ -620,7 +611,7 @@ def decode_speed(model: GPT, ids: torch.Tensor, new_tokens: int = 64, *,
             engines[name] = lambda m=m: generate_tokens_ort(m, ids, new_tokens)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     names = list(engines)
-    with _torch_threads(threads):
+    with torch_threads(threads):
         for fn in engines.values():
             fn()
         for r in range(repeats):

@@ -58,15 +58,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
                              max_body_bytes=args.max_body_bytes, api_key=args.api_key or None,
                              poll_seconds=args.poll_seconds, threads=args.threads,
                              body_timeout_s=args.body_timeout_s)
+    if args.model is None and args.gpt is None:
+        raise WorkbenchError("nothing to serve: give --model (an ONNX model or NAME@ALIAS) and/or --gpt (a GPT checkpoint)")
+    engine = None
+    where = f"http://{args.host}:{args.port}"
+    if args.gpt is not None:
+        from ..llm import checkpoint
+        from .generate import GenerateSettings, GenerationEngine, create_generate_app
+
+        model, tok, _ = checkpoint.load(args.gpt)
+        gen_settings = GenerateSettings(max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
+                                        api_key=args.api_key or None, body_timeout_s=args.body_timeout_s)
+        if args.model is None:
+            app = create_generate_app(model, tok, gen_settings)
+            banner = (f"serving the GPT {args.gpt} on {where}: POST /generate (server-sent events), GET /health "
+                      f"/metrics; up to {args.max_batch} sequences decoded together"
+                      + (", API key required" if gen_settings.api_key else ""))
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+            return run_server(app, host=args.host, port=args.port, log_level=args.log_level, banner=banner)
+        engine = GenerationEngine(model, tok, gen_settings)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     registry = None
     if not args.model.endswith(".onnx"):
         registry = _registry(args)
-    app = create_app(args.model, settings, registry=registry)
+    app = create_app(args.model, settings, registry=registry, generator=engine)
     m = app.state.server.model
-    where = f"http://{args.host}:{args.port}"
-    banner = (f"serving {m.name}/{m.version} ({args.model}) on {where}: POST /predict, GET /health /model /metrics; "
+    banner = (f"serving {m.name}/{m.version} ({args.model}) on {where}: POST /predict"
+              + (" /generate" if engine is not None else "") + ", GET /health /model /metrics; "
               f"batches of <= {settings.max_batch} rows, wait <= {settings.max_wait_ms:g} ms"
               + (", API key required" if settings.api_key else ""))
     run_server(app, host=args.host, port=args.port, log_level=args.log_level, banner=banner)
@@ -136,8 +156,11 @@ def add_subcommands(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a registered model over HTTP (FastAPI + ONNX Runtime)",
                        description="Serve NAME@ALIAS from the registry (hot-swapped when the alias moves) or an "
                                    ".onnx file, with dynamic batching and Prometheus metrics at /metrics.")
-    p.add_argument("--model", required=True, metavar="REF",
+    p.add_argument("--model", metavar="REF",
                    help="NAME@ALIAS (e.g. digits-mlp@champion), NAME/VERSION, or a path to an .onnx file")
+    p.add_argument("--gpt", metavar="CHECKPOINT",
+                   help="also (or only) serve POST /generate, streaming this GPT's tokens as server-sent events "
+                        "(a checkpoint of `workbench train/compress --model gpt`); --max-batch sequences decode together")
     p.add_argument("--registry", metavar="URI", help=registry_help)
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 in a container, "

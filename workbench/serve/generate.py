@@ -826,11 +826,13 @@ def generation_load(url_or_app: Any, clients: int, new_tokens: int, *, prompts: 
         raise WorkbenchError(f"clients must be a whole number >= 1, got {clients!r}")
     if not prompts:
         raise WorkbenchError("generation_load needs at least one prompt")
+    from .loadtest import _run_now  # asyncio.run, on a thread of its own inside a running loop (a notebook)
+
     if isinstance(url_or_app, str):
-        return asyncio.run(_load(url_or_app.rstrip("/"), clients, new_tokens, prompts, temperature, seed,
-                                 api_key, timeout_s))
+        return _run_now(_load(url_or_app.rstrip("/"), clients, new_tokens, prompts, temperature, seed,
+                              api_key, timeout_s))
     with _served(url_or_app) as url:
-        return asyncio.run(_load(url, clients, new_tokens, prompts, temperature, seed, api_key, timeout_s))
+        return _run_now(_load(url, clients, new_tokens, prompts, temperature, seed, api_key, timeout_s))
 
 
 def generation_bench(model: Any, tokenizer: Any, *, prompts: Sequence[str], clients: Sequence[int] = (1, 4, 16),
