@@ -54,8 +54,8 @@ $(ORT_STATIC)/.stamp: $(NPM_STAMP)
 	cp $(addprefix $(ORT_DIST)/,$(ORT_FILES)) $(ORT_STATIC)/
 	@touch $@
 
-# Chapter 12's GPT (about 3 minutes on 2 cores, then cached), every compressed version that the
-# chapter and its explorer show, and chapter 13's draft model (about a minute) are computed once,
+# Chapter 12's GPT (under a minute on 2 idle cores, then cached), every compressed version that the
+# chapter and its explorer show, and chapter 13's draft model are computed once,
 # into the same cache, by the bench's llm group,
 # which also checks their bars: the notebook then answers from the cache within its 90 s.
 llm-cache: $(STAMP)

@@ -4,8 +4,8 @@ ONNX Runtime fp32 and int4, and streaming generation from the server with batchi
 Speeds are measured side by side in one run (medians of interleaved repeats) and reported; the bars hold
 only ratios and exact properties (`workbench.bars.BARS`).
 
-Run: ``workbench bench --only llm-serve --json llm-serve.json`` (about 3 minutes on 2 cores with the
-GPT and its draft cached; the draft trains in about a minute on a miss).
+Run: ``workbench bench --only llm-serve --json llm-serve.json`` (about 1.5 minutes on 2 cores; the GPT
+and its draft are trained by the llm group, or here on a miss).
 """
 
 from __future__ import annotations

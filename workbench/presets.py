@@ -114,7 +114,7 @@ BROWSER_VARIANTS: dict[str, Recipe] = {
 
 
 # Chapter 12 (Large models): the GPT of workbench.llm (4 layers x 4 heads x 128 wide, context 128,
-# 300 AdamW steps with warmup + cosine; about 3 minutes on 2 cores, then cached) on pydoc_data.topics.
+# 300 AdamW steps with warmup + cosine; 41 s on 2 idle cores, then cached) on pydoc_data.topics.
 # Its explorer and the bench's llm group share one grid, so the bench fills the explorer's cache:
 # weight-only quantization at LLM_BITS x LLM_GROUPS (0 = one scale per output channel) x
 # LLM_QUANT_METHODS; pruning without retraining at 50% and 2:4 x every method; W8A8 with and
@@ -143,7 +143,7 @@ LLM_W8A8: dict[str, Recipe] = {
 }
 
 # Chapter 13 (generating fast): the draft model of speculative decoding (1 layer x 64 wide, 150 steps:
-# about a minute on 2 cores, then cached; validation about 3.3 bits/char against the target's 2.6), and
+# seconds on 2 cores, then cached; validation about 3.3 bits/char against the target's 2.6), and
 # the prompts every generation figure starts from (characters of the corpus's vocabulary).
 LLM_DRAFT = lm_train_config(LLM_BASE.replace(model_options={"n_layer": 1, "n_head": 2, "n_embd": 64, "steps": 150}))
 LLM_PROMPTS = ("The return statement ", "def f(x):\n    return ", "A class definition ", "import ",

@@ -6,7 +6,7 @@ decoding: :mod:`workbench.llm.decode`; in ONNX Runtime with past key/values and 
 
 Example:
     >>> from workbench import llm
-    >>> t = llm.pretrained()                                   # cached; ~3 min on 2 cores on a miss
+    >>> t = llm.pretrained()                                   # cached; ~1 min on 2 cores on a miss
     >>> calib = llm.calibration_ids(t.corpus)
     >>> q, packed = llm.quantize_weights(t.model, llm.WeightQuant(4, 32), method="gptq", calib=calib)
     >>> llm.evaluate_bpc(q, t.corpus.ids("val")).bits_per_char, llm.memory(packed)["bits_per_weight"]

@@ -5,7 +5,7 @@ A run is cached under ``cache_dir() / "llm" / <key>`` with ``model.pt`` and ``me
 the model and training settings, the corpus's sha256 and the versions of python, torch and this code,
 and an entry is written in a temporary folder then published with one rename.
 
-Reproduce the cached default model (about 3 minutes on 2 cores):
+Reproduce the cached default model (41 s on 2 idle cores, 107 s on one thread; more on a busy machine):
     python -c "from workbench.llm import pretrained; print(pretrained().meta)"
 """
 
@@ -212,7 +212,7 @@ def pretrained(config: TrainConfig = TrainConfig(), *, corpus: Corpus | None = N
     """The trained model for `config` from the cache, training (and caching) it on a miss.
 
     Args:
-        config: model and training settings (the default trains in about 3 minutes on 2 cores).
+        config: model and training settings (the default trains in under a minute on 2 idle cores).
         corpus: default :func:`load_corpus` (``pydoc_data.topics``).
         cache: the cache root; default ``workbench.store.cache_dir()`` ($WORKBENCH_CACHE or ~/.cache/workbench).
         retrain: ignore a cached entry and replace it.
