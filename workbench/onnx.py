@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -27,8 +27,8 @@ from torch import nn
 from .errors import WorkbenchError
 from .measure import LatencyStats, latency
 
-__all__ = ["OPSET", "OPT_LEVELS", "PROVIDERS", "DISABLED_OPTIMIZERS_KEY", "disabled_optimizers", "export", "check",
-           "load_onnx", "available_providers", "resolve_providers", "session", "run_session", "Parity", "parity",
+__all__ = ["OPSET", "OPT_LEVELS", "PROVIDERS", "DISABLED_OPTIMIZERS_KEY", "disabled_optimizers", "export",
+           "publish_export", "check", "load_onnx", "available_providers", "resolve_providers", "session", "run_session", "Parity", "parity",
            "ort_latency", "profile_events", "ProviderReport", "provider_report", "optimized_graph",
            "optimization_levels"]
 
@@ -125,17 +125,25 @@ def export(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int,
                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 )
-        proto = onnx.load(str(tmp))
-        del proto.graph.value_info[:]
-        for node in proto.graph.node:  # tracer debug notes (FX node, stack): 20% of a small ViT file
-            del node.metadata_props[:]
-        onnx.save(proto, str(tmp))
-        check(tmp)
-        os.replace(tmp, path)
+        publish_export(tmp, path)
     finally:
         model.train(was_training)
         tmp.unlink(missing_ok=True)
     return path
+
+
+def publish_export(tmp: Path, path: Path, edit: Callable[[onnx.ModelProto], None] | None = None) -> None:
+    """The last step of an export: drop the exporter's shape annotations and debug notes from the file the
+    exporter wrote at `tmp`, apply `edit` to the graph, save, check and rename it to `path` (atomically)."""
+    proto = onnx.load(str(tmp))
+    del proto.graph.value_info[:]
+    for node in proto.graph.node:  # tracer debug notes (FX node, stack): 20% of a small ViT file
+        del node.metadata_props[:]
+    if edit is not None:
+        edit(proto)
+    onnx.save(proto, str(tmp))
+    check(tmp)
+    os.replace(tmp, path)
 
 
 def check(path: str | os.PathLike) -> None:

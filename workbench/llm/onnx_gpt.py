@@ -46,7 +46,7 @@ from torch.nn import functional as F
 
 from ..errors import WorkbenchError
 from ..measure import torch_threads
-from ..onnx import OPSET, _quiet_exporter, check, load_onnx, session
+from ..onnx import OPSET, _quiet_exporter, check, load_onnx, publish_export, session
 from .calib import block_linears
 from .decode import _check_prompt, _check_sampling, generate_tokens
 from .gpt import GPT, GPTConfig, KVCache
@@ -176,15 +176,11 @@ def export_gpt(model: GPT, path: str | os.PathLike, *, opset: int = OPSET) -> Pa
             torch.onnx.export(_StepGraph(model), (ids, past), str(tmp), dynamo=True, opset_version=opset,
                               external_data=False, input_names=input_names(cfg.n_layer),
                               output_names=output_names(cfg.n_layer), dynamic_shapes=shapes, verbose=False)
-        proto = onnx.load(str(tmp))
-        del proto.graph.value_info[:]
-        for node in proto.graph.node:
-            del node.metadata_props[:]
-        _name_linears(proto, model)
-        onnx.helper.set_model_props(proto, {CONFIG_KEY: json.dumps(cfg.to_dict())})
-        onnx.save(proto, str(tmp))
-        check(tmp)
-        os.replace(tmp, path)
+        def name_and_describe(proto: onnx.ModelProto) -> None:
+            _name_linears(proto, model)
+            onnx.helper.set_model_props(proto, {CONFIG_KEY: json.dumps(cfg.to_dict())})
+
+        publish_export(tmp, path, name_and_describe)
     finally:
         model.train(was_training)
         tmp.unlink(missing_ok=True)
