@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from workbench import WorkbenchError, grading, prune, quant, schedules
-from workbench.grading import Grade, case, check
+from workbench.grading import STRICT_ENV, Grade, case, check
 
 GEN = torch.Generator().manual_seed(0)
 X = torch.randn(4, 8, generator=GEN)
@@ -136,6 +136,25 @@ def test_partial_credit_for_values_but_zero_for_a_crash():
     assert not g.passed and g.score == 0.5 and g.earned == 1.0
     assert str(g).startswith("✗ double: case 3 (x of shape (3,)): wrong values") and "[2/4 cases right]" in str(g)
     _one_line_zero(check("double", lambda x: x * 2 if x[0] < 3 else 1 / 0, double, cases), "case 4", "raised")
+
+
+@pytest.fixture(autouse=True)
+def _not_strict_from_the_environment(monkeypatch):
+    # make book / make test set WORKBENCH_GRADING_STRICT=1 for the notebooks; these tests set it themselves.
+    monkeypatch.delenv(STRICT_ENV, raising=False)
+
+
+def test_strict_from_the_environment(monkeypatch):
+    wrong = lambda x: x * 3  # noqa: E731
+    assert not check("double", wrong, double, [case(X)]).passed          # unset: a reader's notebook never raises
+    monkeypatch.setenv(STRICT_ENV, "1")
+    with pytest.raises(AssertionError, match="double"):
+        check("double", wrong, double, [case(X)])
+    with pytest.raises(AssertionError, match="not yet solved"):
+        check("double", None, double, [case(X)])
+    assert not check("double", wrong, double, [case(X)], strict=False).passed   # an explicit False wins
+    monkeypatch.setenv(STRICT_ENV, "0")
+    assert not check("double", wrong, double, [case(X)]).passed
 
 
 def test_strict_mode_raises_the_one_line():

@@ -4,7 +4,10 @@ same inputs and say, in one line, what is right or what is wrong.
 ``check`` never raises for anything the reader's function does (raising, returning ``None``,
 returning the wrong type, shape or dtype, changing its input, running too long): it returns a
 ``Grade`` whose one-line ``str``/``repr``/HTML is what a notebook shows. ``strict=True`` (the
-instructor edition's tests) turns a failed grade into an ``AssertionError`` carrying that line.
+autograder's hidden tests) turns a failed grade into an ``AssertionError`` carrying that line. With
+``strict`` left unset, the environment decides: ``WORKBENCH_GRADING_STRICT=1`` makes every grader
+strict, which is how ``make book`` and ``make test`` prove that the book's own solutions (the
+instructor edition) pass every grader, while a reader's notebook (variable unset) never raises.
 
 Scoring: every case passes or fails. Values outside the tolerance on some cases earn partial
 credit (the fraction of cases right); any other failure (raised, not yet solved, wrong type /
@@ -35,6 +38,7 @@ import dataclasses
 import html
 import inspect
 import numbers
+import os
 import signal
 import threading
 import time
@@ -49,9 +53,10 @@ from torch import nn
 
 from .errors import WorkbenchError
 
-__all__ = ["DEFAULT_RTOL", "DEFAULT_ATOL", "FATAL", "Case", "CaseResult", "Grade", "case", "check", "mismatch",
+__all__ = ["STRICT_ENV", "DEFAULT_RTOL", "DEFAULT_ATOL", "FATAL", "Case", "CaseResult", "Grade", "case", "check", "mismatch",
            "report", "total"]
 
+STRICT_ENV = "WORKBENCH_GRADING_STRICT"
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-6  # relative to max(1, max |expected|) when atol is not given
 # Failure kinds that score 0 for the whole exercise; only "value" earns partial credit.
@@ -520,7 +525,7 @@ def _run_case(index: int, student_fn: Callable, reference_fn: Callable, c: Case,
 
 def check(name: str, student_fn: Callable | None, reference_fn: Callable, cases: Sequence[Any], *,
           rtol: float = DEFAULT_RTOL, atol: float | None = None, compare: Callable[[Any, Any], Any] | None = None,
-          points: float = 1.0, inplace: bool = False, timeout: float | None = None, strict: bool = False) -> Grade:
+          points: float = 1.0, inplace: bool = False, timeout: float | None = None, strict: bool | None = None) -> Grade:
     """Grade the reader's `student_fn` against `reference_fn` on each case; return the `Grade`.
 
     Each case is run on deep copies of its inputs, so neither function can change what the other
@@ -540,7 +545,8 @@ def check(name: str, student_fn: Callable | None, reference_fn: Callable, cases:
         inplace: the exercise asks to change the inputs in place: compare the inputs after the
             call (reader's against reference's) as well as the return values.
         timeout: seconds allowed per case (Unix, main thread; skipped elsewhere).
-        strict: raise ``AssertionError`` with the one line when the grade is not full marks
+        strict: raise ``AssertionError`` with the one line when the grade is not full marks;
+            ``None`` (the default) reads ``WORKBENCH_GRADING_STRICT`` (``1``: strict).
             (for the instructor edition's tests).
 
     Returns:
@@ -573,6 +579,8 @@ def check(name: str, student_fn: Callable | None, reference_fn: Callable, cases:
         results = tuple(_run_case(i, student_fn, reference_fn, c, rtol=rtol, atol=atol, compare=compare,
                                   inplace=inplace, timeout=timeout) for i, c in enumerate(cases, 1))
         grade = _grade(name, results, float(points))
+    if strict is None:
+        strict = os.environ.get(STRICT_ENV, "") == "1"
     if strict and not grade.passed:
         raise AssertionError(str(grade))
     return grade
