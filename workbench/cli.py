@@ -584,10 +584,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", metavar="DIR", help="result cache folder (default $WORKBENCH_CACHE or ~/.cache/workbench)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("edition", help="write the student or instructor edition of the chapters (otter-grader)",
+                       description="Student edition: solutions replaced by '...', graders kept, answers removed, "
+                                   "plus an autograder per chapter. Instructor edition: solutions and answers kept.")
+    p.add_argument("which", choices=["student", "instructor"])
+    p.add_argument("notebooks", nargs="*", help="chapter notebooks (default: every chapter in notebooks/)")
+    p.add_argument("--out", default="_build/editions", help="folder to write into (default _build/editions)")
+    p.set_defaults(func=cmd_edition)
+
+    p = sub.add_parser("autograde", help="score a student's chapter notebook, exercise by exercise",
+                       description="Run the chapter's autograder (written by `workbench edition student`) on a "
+                                   "student's notebook in a fresh kernel and print the score of each exercise.")
+    p.add_argument("submission", help="the student's .ipynb (named like the chapter, e.g. 02_pruning.ipynb)")
+    p.add_argument("--autograder", metavar="ZIP", help="default: EDITIONS/autograder/<chapter>.zip")
+    p.add_argument("--editions", default="_build/editions", help="where `workbench edition` wrote (default "
+                                                                  "_build/editions)")
+    p.add_argument("--json", metavar="PATH", help="also write the scores as JSON")
+    p.set_defaults(func=cmd_autograde)
+
     from .serve.cli import add_subcommands as add_serve_subcommands
 
     add_serve_subcommands(sub)  # serve, registry list|promote|rollback (MLflow/FastAPI load only when run)
     return parser
+
+
+def cmd_edition(args: argparse.Namespace) -> int:
+    from . import editions
+
+    notebooks = args.notebooks or editions.chapters()
+    built = editions.build(notebooks, args.out, which=[args.which])
+    print(editions.summary(built))
+    print(f"{args.which} edition: {Path(args.out) / args.which}"
+          + (f" (autograders: {Path(args.out) / 'autograder'})" if args.which == "student" else ""))
+    return 0
+
+
+def cmd_autograde(args: argparse.Namespace) -> int:
+    from . import editions
+
+    report = editions.autograde(args.submission, args.autograder, editions=args.editions)
+    print(report)
+    if args.json:
+        editions.write_atomic(Path(args.json), json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
