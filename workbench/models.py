@@ -561,3 +561,71 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
         reason = " ".join(str(exc).split())[:300]
         raise WorkbenchError(f"{str(Path(path))!r}: weights do not fit model {spec['name']!r}: {reason}") from None
     return model.eval(), {"spec": spec, "metadata": payload["metadata"]}
+
+
+# --- The lab's model (chapter 14, issue 15 item 4) ----------------------------------------------------
+# Deliberately not in MODELS: the lab grades the reader on a model no chapter uses, trained through the
+# pipeline as a user model (``run(recipe, model=SmallVGG(...))``), as a practitioner would bring their own.
+class SmallVGG(nn.Module):
+    """A VGG-style chain for the lab: stages of 3x3 conv + BatchNorm + ReLU, a 2x2 max-pool between stages,
+    a global average pool and one Linear classifier.
+
+    A plain chain (no branches, no grouped convolutions), so structured pruning
+    (:func:`workbench.prune.channel_prune`) can remove channels from every conv; :meth:`from_state_dict`
+    rebuilds a pruned one from its weights alone.
+
+    Args:
+        in_channels, num_classes, spatial: the data's channels, classes and (height, width).
+        stages: output channels of the convs of each stage, e.g. ``((16,), (32, 32), (64, 64))``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, spatial: tuple[int, int] = (28, 28),
+                 stages: tuple[tuple[int, ...], ...] = ((16,), (32, 32), (64, 64))):
+        super().__init__()
+        if not stages or not all(stages) or not all(_positive_int(c) for s in stages for c in s):
+            raise WorkbenchError(f"SmallVGG stages must be non-empty lists of positive channel counts, got {stages!r}")
+        side = 2 ** (len(stages) - 1)
+        if min(spatial) < side:
+            raise WorkbenchError(f"SmallVGG with {len(stages)} stages needs images of at least {side}x{side}, "
+                                 f"got {spatial[0]}x{spatial[1]}")
+        self.stages = tuple(tuple(int(c) for c in s) for s in stages)
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i, stage in enumerate(self.stages):
+            for c in stage:
+                layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+                c_in = c
+            if i < len(self.stages) - 1:
+                layers.append(nn.MaxPool2d(2))
+        layers.append(nn.AvgPool2d((spatial[0] // side, spatial[1] // side)))  # global average pool
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c_in, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], *, spatial: tuple[int, int] = (28, 28),
+                        template: "SmallVGG | None" = None) -> "SmallVGG":
+        """The SmallVGG whose widths match `state` (e.g. after channel pruning), with those weights loaded.
+
+        The stage layout is `template`'s (default: the standard three stages); only the widths come from
+        the weights. Raises WorkbenchError when the weights are not a SmallVGG's.
+        """
+        template = template or cls(spatial=spatial)
+        convs = [k for k, m in template.features.named_children() if isinstance(m, nn.Conv2d)]
+        try:
+            widths = [int(state[f"features.{k}.weight"].shape[0]) for k in convs]
+            in_channels = int(state[f"features.{convs[0]}.weight"].shape[1])
+            num_classes = int(state["classifier.1.weight"].shape[0])
+        except (KeyError, AttributeError, IndexError) as exc:
+            raise WorkbenchError(f"these weights are not a SmallVGG's (missing {exc}); expected the state_dict of "
+                                 "the lab's model") from None
+        it = iter(widths)
+        stages = tuple(tuple(next(it) for _ in s) for s in template.stages)
+        model = cls(in_channels, num_classes, spatial, stages)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise WorkbenchError(f"these weights do not fit a SmallVGG: {' '.join(str(exc).split())[:300]}") from None
+        return model.eval()
