@@ -19,7 +19,7 @@ from workbench import onnx as wonnx
 from workbench.errors import WorkbenchError
 from workbench.serve.app import METRIC_NAMES, ROUTES, ServeSettings, create_app
 from workbench.serve.batching import DynamicBatcher
-from workbench.serve.monitor import _bucket_quantile
+from workbench.serve.monitor import bucket_quantile
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")]
@@ -501,6 +501,6 @@ def test_histogram_quantile_matches_prometheus_rule():
     edges = np.array([0.1, 0.2, 0.4, np.inf])
     cumulative = np.array([10.0, 50.0, 100.0, 100.0])
     # The 0.5 quantile is rank 50: the top of the (0.1, 0.2] bucket; 0.75 is half way into (0.2, 0.4].
-    assert _bucket_quantile(0.5, edges, cumulative) == pytest.approx(0.2)
-    assert _bucket_quantile(0.75, edges, cumulative) == pytest.approx(0.3)
-    assert _bucket_quantile(0.05, edges, cumulative) == pytest.approx(0.05)
+    assert bucket_quantile(0.5, edges, cumulative) == pytest.approx(0.2)
+    assert bucket_quantile(0.75, edges, cumulative) == pytest.approx(0.3)
+    assert bucket_quantile(0.05, edges, cumulative) == pytest.approx(0.05)

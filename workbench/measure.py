@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import WorkbenchError
 
 __all__ = [
+    "latency_stats",
     "torch_threads",
     "count_params",
     "count_nonzero",
@@ -166,11 +167,13 @@ def latency(fn: Callable[[], Any], *, warmup: int = 10, repeats: int = 100, thre
     slowest 1% of users see). Warm-up calls are discarded: the first calls pay for lazy
     initialization, memory allocation and cold caches.
     """
-    return _stats(time_calls(fn, warmup=warmup, repeats=repeats), warmup=warmup, threads=threads,
+    return latency_stats(time_calls(fn, warmup=warmup, repeats=repeats), warmup=warmup, threads=threads,
                   batch_size=batch_size)
 
 
-def _stats(t: np.ndarray, *, warmup: int, threads: int, batch_size: int) -> LatencyStats:
+def latency_stats(t: np.ndarray, *, warmup: int, threads: int, batch_size: int) -> LatencyStats:
+    """Summarize per-call times in microseconds `t` (warm-up calls already dropped): p50/p90/p99 by
+    linear interpolation (numpy's default), mean, and the setting they were measured under."""
     p50, p90, p99 = np.percentile(t, [50, 90, 99])
     return LatencyStats(
         p50_us=float(p50), p90_us=float(p90), p99_us=float(p99), mean_us=float(t.mean()),
@@ -233,5 +236,5 @@ def side_by_side(fns: Mapping[str, Callable[[], Any]], *, rounds: int = 5, repea
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name].append(time_calls(fn, warmup=0, repeats=repeats))
-    return {name: _stats(np.concatenate(chunks), warmup=warmup, threads=threads, batch_size=batch_size)
+    return {name: latency_stats(np.concatenate(chunks), warmup=warmup, threads=threads, batch_size=batch_size)
             for name, chunks in samples.items()}

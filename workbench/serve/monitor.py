@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import WorkbenchError
 from .process import free_port
 
-__all__ = ["scrape", "Scraper", "Prometheus", "prometheus_binary", "watch", "dashboard", "PANELS", "DEPLOY_DIR",
+__all__ = ["bucket_quantile", "scrape", "Scraper", "Prometheus", "prometheus_binary", "watch", "dashboard", "PANELS", "DEPLOY_DIR",
            "RULES_FILE", "CONFIG_FILE"]
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
@@ -156,7 +156,7 @@ class Scraper:
                                - total(a, "workbench_http_request_duration_seconds_bucket", route="/predict",
                                        le=_le(e)) for e in edges])
             if len(counts) and counts[-1] > 0:
-                series[names[1]].setdefault("", []).append((t1, 1000 * _bucket_quantile(0.99, np.array(edges),
+                series[names[1]].setdefault("", []).append((t1, 1000 * bucket_quantile(0.99, np.array(edges),
                                                                                          counts)))
             n_calls = total(b, "workbench_batch_size_count") - total(a, "workbench_batch_size_count")
             if n_calls > 0:
@@ -191,7 +191,7 @@ class Scraper:
                 counts = np.array([buckets[e] - prev.get(e, 0.0) for e in edges])
                 if counts[-1] > 0:
                     times.append(ts)
-                    values.append(_bucket_quantile(q, np.array(edges), counts))
+                    values.append(bucket_quantile(q, np.array(edges), counts))
             prev = buckets
         return np.array(times), np.array(values)
 
@@ -201,7 +201,7 @@ def _le(edge: float) -> str:
     return "+Inf" if edge == float("inf") else repr(float(edge))
 
 
-def _bucket_quantile(q: float, edges: np.ndarray, cumulative: np.ndarray) -> float:
+def bucket_quantile(q: float, edges: np.ndarray, cumulative: np.ndarray) -> float:
     """Linear interpolation inside the bucket holding the quantile (Prometheus' rule)."""
     rank = q * cumulative[-1]
     i = int(np.searchsorted(cumulative, rank))
