@@ -180,3 +180,50 @@ def test_cnn1d_is_prunable_and_quantizable():
     assert sum(isinstance(m, quant.FakeQuantLayer) for m in q.modules()) == 5
     with torch.no_grad():
         assert q(X).shape == (256, 10)
+
+
+def test_bench_hard_figures_over_seeds(monkeypatch):
+    """bench.hard from fake runs (no training): every seed counted, signs as documented, bars evaluated, JSON-ready."""
+    import json
+    from fractions import Fraction
+    from types import SimpleNamespace
+
+    from workbench import bars, bench
+    from workbench.presets import HARD_SEEDS
+
+    def correct(r) -> int:
+        # Test counts out of 1,000 as a function of the recipe; the seed moves each by a few signals.
+        if r.qat_epochs:
+            base = 905
+        elif r.weight_bits:
+            base = 860 - 40 * (r.seed == HARD_SEEDS[-1])
+        elif r.prune_amount:
+            base = 500 if r.prune_schedule == "gradual" else 400 + 200 * (r.seed == HARD_SEEDS[1])
+        elif r.teacher is not None:
+            base = 610
+        else:
+            base = {"cnn1d": 920, "mlp": 560}[r.model]
+        return base + r.seed
+
+    def fake_run(r, **kwargs):
+        return SimpleNamespace(test_correct=correct(r), test_n=1000, summary=lambda: {"seed": r.seed})
+
+    def fake_distillation_runs(seed, *, teacher, student, **kwargs):
+        return {"teacher": fake_run(teacher.replace(seed=seed)), "alone": fake_run(student.replace(seed=seed)),
+                "distilled": fake_run(student.replace(seed=seed, teacher=teacher))}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "distillation_runs", fake_distillation_runs)
+    rows, figures = bench.hard(cache=None, progress=False)
+    assert figures["kd_gain_pp_hard"] == figures["kd_gain_pp_hard_seed_min"] == 5  # 610 vs 560 on every seed
+    assert figures["ptq_int4_per_tensor_acc_drop_pp_hard"] == 6                     # 920 -> 860 on the first seed
+    assert figures["ptq_int4_per_tensor_acc_drop_pp_hard_seed_min"] == 6
+    assert figures["qat_over_ptq_int4_drop_hard_seed_max"] == Fraction(15, 60)  # 1.5 of 6 points (worst seed)
+    # Positive when gradual keeps more than one-shot; the second seed is the one where one-shot wins.
+    assert figures["prune_gradual_vs_oneshot_pp_hard"] == 10
+    assert figures["prune_gradual_vs_oneshot_pp_hard_seed_min"] == -10
+    assert {row["name"] for row in rows} >= {f"hard_kd_distilled_seed{s}" for s in HARD_SEEDS}
+    json.dumps(rows)  # the bench writes rows as JSON: no Fractions in them
+    checked = bars.evaluate(figures)
+    assert {"kd_gain_pp_hard", "kd_gain_pp_hard_seed_min", "ptq_int4_per_tensor_acc_drop_pp_hard_seed_min",
+            "qat_over_ptq_int4_drop_hard_seed_max"} <= set(checked) and all(b["ok"] for b in checked.values())
