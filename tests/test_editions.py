@@ -235,3 +235,12 @@ def test_the_student_edition_runs_and_every_grader_says_not_yet_solved(path, stu
     for cell in graders:
         shown = " ".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in cell.outputs)
         assert "not yet solved" in shown, f"{path.name}: grader of {cell.metadata['exercise']['name']} showed {shown!r}"
+
+
+def test_the_autograder_gives_the_instructor_edition_of_the_lab_full_marks(student_editions, tmp_path):
+    # The lab's hidden tests are its graders (lab.grade on the reader's submission): the book's
+    # solution must score every point when otter runs it as a student's notebook.
+    lab_path = next(p for p in CHAPTERS if p.stem == "13_lab")
+    (built,) = editions.build([lab_path], tmp_path, which=["instructor"])
+    report = editions.autograde(built.instructor, student_editions["13_lab"].autograder)
+    assert report.score == report.possible == sum(e.points for e in built.exercises), str(report)
