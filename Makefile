@@ -3,7 +3,7 @@
 #   make test   unit tests + notebooks (nbmake) + the site check in headless Chromium
 #   make lab    JupyterLab on the notebooks, widgets working
 #   make bench  measured figures -> _build/bench.json
-#   make portability  the bars over seeds 0..4, chapter 12's bars and every notebook under a second numeric configuration
+#   make portability  the bars over seeds 0..4, chapter 12's and the harder task's bars and every notebook under a second numeric configuration
 #   make browser-assets  ONNX Runtime Web (npm ci, pinned in package-lock.json) -> book/_static/browser/ort/
 #   make student     the student edition (solutions removed, graders kept) + autograders -> _build/editions/
 #   make instructor  the instructor edition (solutions and answers kept) -> _build/editions/instructor/
