@@ -625,7 +625,9 @@ def cmd_autograde(args: argparse.Namespace) -> int:
     report = editions.autograde(args.submission, args.autograder, editions=args.editions)
     print(report)
     if args.json:
-        editions.write_atomic(Path(args.json), json.dumps(report.to_dict(), indent=2) + "\n")
+        from .bench import write_json
+
+        write_json(report.to_dict(), args.json)
     return 0
 
 

@@ -46,7 +46,7 @@ from typing import Any, Iterable, Sequence
 from .errors import WorkbenchError
 
 __all__ = ["Exercise", "ExerciseScore", "AutogradeReport", "Built", "exercises", "master", "build", "autograde",
-           "chapters", "summary", "write_atomic", "BEGIN", "END"]
+           "chapters", "summary", "BEGIN", "END"]
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 KEY = "exercise"
@@ -222,7 +222,7 @@ def _student(nb: Any) -> Any:
     return nb
 
 
-def write_atomic(path: Path, text: str | bytes) -> None:
+def _write_atomic(path: Path, text: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
@@ -256,9 +256,10 @@ def build(notebooks: Iterable[str | os.PathLike], out: str | os.PathLike, *,
     if not paths:
         raise WorkbenchError("no notebooks given: name the chapters to build editions of")
     books = {p: _read(p) for p in paths}
+    found = {p: tuple(exercises(nb, where=str(p))) for p, nb in books.items()}
     seen: dict[str, Path] = {}
-    for p, nb in books.items():
-        for ex in exercises(nb, where=str(p)):
+    for p, exs in found.items():
+        for ex in exs:
             if ex.name in seen:
                 raise WorkbenchError(f"{p}: exercise {ex.name!r} is also in {seen[ex.name]}; names are unique "
                                      "across the book (the autograder finds exercises by name)")
@@ -286,11 +287,11 @@ def build(notebooks: Iterable[str | os.PathLike], out: str | os.PathLike, *,
             targets = (out / "student" / f"{stem}.ipynb", out / "instructor" / f"{stem}.ipynb",
                        out / "autograder" / f"{stem}.zip")
             if "student" in which:
-                write_atomic(targets[0], nbformat.writes(student))
-                write_atomic(targets[2], zips[0].read_bytes())
+                _write_atomic(targets[0], nbformat.writes(student))
+                _write_atomic(targets[2], zips[0].read_bytes())
             if "instructor" in which:
-                write_atomic(targets[1], nbformat.writes(instructor))
-        built.append(Built(str(p), tuple(exercises(nb, where=str(p))), *targets))
+                _write_atomic(targets[1], nbformat.writes(instructor))
+        built.append(Built(str(p), found[p], *targets))
     return built
 
 
@@ -352,7 +353,7 @@ def autograde(submission: str | os.PathLike, autograder: str | os.PathLike | Non
     strict there (a reader's notebook never raises), the hidden tests then assert each grade.
     """
     submission = Path(submission)
-    nb = _read(submission)
+    _read(submission)  # a missing or corrupt notebook is named here, before otter runs anything
     if autograder is None:
         stem = submission.stem
         autograder = Path(editions) / "autograder" / f"{stem}.zip"
@@ -366,7 +367,6 @@ def autograde(submission: str | os.PathLike, autograder: str | os.PathLike | Non
 
     if not zipfile.is_zipfile(autograder):
         raise WorkbenchError(f"{autograder}: not a zip file (expected an otter autograder written by `make student`)")
-    del nb
     from otter.api import grade_submission
 
     from .grading import STRICT_ENV
@@ -393,7 +393,7 @@ def autograde(submission: str | os.PathLike, autograder: str | os.PathLike | Non
 
 def chapters(folder: str | os.PathLike = "notebooks") -> list[Path]:
     """The book's chapter notebooks (those with graded exercises, the appendix excluded)."""
-    return [p for p in sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))]
+    return sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
 
 
 def summary(built: Sequence[Built]) -> str:

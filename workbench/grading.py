@@ -53,8 +53,8 @@ from torch import nn
 
 from .errors import WorkbenchError
 
-__all__ = ["STRICT_ENV", "DEFAULT_RTOL", "DEFAULT_ATOL", "FATAL", "Case", "CaseResult", "Grade", "case", "check", "mismatch",
-           "report", "total"]
+__all__ = ["STRICT_ENV", "DEFAULT_RTOL", "DEFAULT_ATOL", "FATAL", "Case", "CaseResult", "Grade", "case", "check",
+           "enforce", "mismatch", "report", "total"]
 
 STRICT_ENV = "WORKBENCH_GRADING_STRICT"
 DEFAULT_RTOL = 1e-5
@@ -579,11 +579,17 @@ def check(name: str, student_fn: Callable | None, reference_fn: Callable, cases:
         results = tuple(_run_case(i, student_fn, reference_fn, c, rtol=rtol, atol=atol, compare=compare,
                                   inplace=inplace, timeout=timeout) for i, c in enumerate(cases, 1))
         grade = _grade(name, results, float(points))
+    return enforce(grade, strict)
+
+
+def enforce(result: Any, strict: bool | None) -> Any:
+    """Return `result` (anything with ``.passed``), or raise ``AssertionError`` with its text when it
+    did not pass and `strict` says so (``None``: ``WORKBENCH_GRADING_STRICT=1``). Shared by every grader."""
     if strict is None:
         strict = os.environ.get(STRICT_ENV, "") == "1"
-    if strict and not grade.passed:
-        raise AssertionError(str(grade))
-    return grade
+    if strict and not result.passed:
+        raise AssertionError(str(result))
+    return result
 
 
 def _grade(name: str, results: tuple[CaseResult, ...], points: float) -> Grade:

@@ -67,7 +67,7 @@ from . import onnx as wonnx
 from .bars import BARS as _BOOK_BARS
 from .bars import Bar
 from .errors import WorkbenchError
-from .grading import STRICT_ENV
+from .grading import enforce
 from .recipe import Recipe, Result, run
 
 __all__ = ["TASK_RECIPE", "REFERENCE_CHANGES", "LAB_BARS", "SPEED_BATCH", "INT8_AGREEMENT", "Task", "Submission",
@@ -234,14 +234,6 @@ class LabReport:
         head = "<tr><th></th><th>bar</th><th>measured</th><th>needed</th><th style='text-align:left'>result</th></tr>"
         return (f"<table>{head}{cells}</table><p><b>{html.escape(self.lines()[-1])}</b> "
                 f"(score {self.score:.0%})</p>")
-
-
-def _finish(report: LabReport, strict: bool | None) -> LabReport:
-    if strict is None:
-        strict = os.environ.get(STRICT_ENV, "") == "1"
-    if strict and not report.passed:
-        raise AssertionError(str(report))
-    return report
 
 
 def _one_line(exc: BaseException) -> str:
@@ -421,7 +413,7 @@ def grade(submission: Any, model: nn.Module | str | os.PathLike | None = None, *
         >>> lab.grade(lab.Submission("mine.onnx", my_model))
     """
     if submission is None or submission is Ellipsis:
-        return _finish(LabReport(error="not yet solved: your function returned None; write it and run its cell "
+        return enforce(LabReport(error="not yet solved: your function returned None; write it and run its cell "
                                        "again"), strict)
     task = task or load_task()
     try:
@@ -429,7 +421,7 @@ def grade(submission: Any, model: nn.Module | str | os.PathLike | None = None, *
         sess, proto = _open_onnx(path, task)
         logits = wonnx.run_session(sess, task.data.X_test).astype(np.float64)
     except WorkbenchError as exc:
-        return _finish(LabReport(error=_one_line(exc)), strict)
+        return enforce(LabReport(error=_one_line(exc)), strict)
     rows = (_size_row(task, path), _accuracy_row(task, logits), _speed_row(task, path, latencies),
             _parity_row(task, logits, proto, torch_model))
-    return _finish(LabReport(rows=rows), strict)
+    return enforce(LabReport(rows=rows), strict)
